@@ -1,0 +1,41 @@
+"""The exceptions nnx-metal raises. Each message says what was expected, what was got, and how to fix it."""
+
+
+class NnxMetalError(Exception):
+  """Base class of every error nnx-metal raises on purpose."""
+
+
+class UnknownTargetError(NnxMetalError, ValueError):
+  """A target or runtime device name that nnx-metal does not know."""
+
+
+class SignatureError(NnxMetalError, ValueError):
+  """An input whose shape or dtype does not match the compiled function's signature."""
+
+
+class StateMismatchError(NnxMetalError, ValueError):
+  """A State whose structure, shapes or dtypes do not match the compiled GraphDef."""
+
+
+class UnsupportedOpError(NnxMetalError):
+  """The lowered program holds an op or type the IREE target cannot compile."""
+
+
+class CompileError(NnxMetalError):
+  """iree-compile failed; carries the target, the flags and the compiler's diagnostics."""
+
+  def __init__(self, target: str, flags: list[str], diagnostics: str):
+    self.target, self.flags, self.diagnostics = target, flags, diagnostics
+    super().__init__(
+        f"iree-compile failed for target {target!r}.\n"
+        f"flags: {' '.join(flags)}\n"
+        f"diagnostics:\n{diagnostics.strip()}"
+    )
+
+
+class DeviceUnavailableError(NnxMetalError, RuntimeError):
+  """The runtime driver a compiled module needs is not present on this machine."""
+
+
+class ArtifactError(NnxMetalError):
+  """An artifact on disk that is corrupt, truncated or made for something else."""

@@ -1,0 +1,127 @@
+"""Makes JAX's StableHLO what iree-compile accepts, and checks it against a target before compiling.
+
+JAX 0.10 annotates even single-device programs with sharding: Shardy ``sdy.*``
+ops and attributes (a dialect iree-compile does not register), or, with Shardy
+off, ``stablehlo.custom_call @Sharding``. On one device these are no-ops, so they
+are removed. Any other ``custom_call`` is a kernel IREE does not have.
+"""
+
+import dataclasses
+import re
+
+from jax.extend.mlir import ir
+
+from ._errors import UnsupportedOpError
+from ._targets import Target
+
+# Custom calls that only annotate sharding: the identity on a single device.
+_SHARDING_CALLS = frozenset({"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"})
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSite:
+  """An op of interest in a lowered program.
+
+  Attributes:
+    op: the op, e.g. ``stablehlo.custom_call @my_kernel`` or ``stablehlo.add``.
+    location: where JAX traced it from (Python file:line where known).
+    element_types: the element types of its operands and results.
+  """
+
+  op: str
+  location: str
+  element_types: tuple[str, ...]
+
+
+def _element_types(op: ir.Operation) -> tuple[str, ...]:
+  types = []
+  for value in [*op.operands, *op.results]:
+    # Tensor types come back already downcast; scalars (e.g. token) have no element type.
+    types.append(str(getattr(value.type, "element_type", value.type)))
+  return tuple(types)
+
+
+def _source_line(location: ir.Location) -> str:
+  """The innermost ``file.py:line`` of a JAX location, or the raw location."""
+  text = str(location)
+  match = re.search(r'"([^"]+\.py)":(\d+)', text)
+  return f"{match.group(1)}:{match.group(2)}" if match else text
+
+
+def _op_label(op: ir.Operation) -> str:
+  if op.name == "stablehlo.custom_call":
+    return f"stablehlo.custom_call @{ir.StringAttr(op.attributes['call_target_name']).value}"
+  return op.name
+
+
+def _is_sharding_noop(op: ir.Operation) -> bool:
+  if op.name == "sdy.sharding_constraint":
+    return True
+  return op.name == "stablehlo.custom_call" and (
+      ir.StringAttr(op.attributes["call_target_name"]).value in _SHARDING_CALLS
+  )
+
+
+def _strip_dict_attr(attr: ir.Attribute) -> ir.Attribute:
+  attr = ir.DictAttr(attr)
+  named = [attr[i] for i in range(len(attr))]
+  entries = {n.name: n.attr for n in named if not n.name.startswith("sdy.")}
+  return ir.DictAttr.get(entries)
+
+
+def _strip_sdy_attributes(op: ir.Operation) -> None:
+  for name in list(op.attributes):
+    if name.startswith("sdy."):
+      del op.attributes[name]
+  for list_name in ("arg_attrs", "res_attrs"):
+    if list_name in op.attributes:
+      attrs = ir.ArrayAttr(op.attributes[list_name])
+      op.attributes[list_name] = ir.ArrayAttr.get([_strip_dict_attr(a) for a in attrs])
+
+
+def clean_for_iree(module: ir.Module) -> tuple[str, tuple[OpSite, ...]]:
+  """Removes single-device sharding annotations; returns the text and every op's site.
+
+  ``module`` is modified in place (pass a fresh ``Lowered.compiler_ir()``).
+  """
+  noops, sites = [], []
+
+  def visit(op: ir.Operation) -> ir.WalkResult:
+    op = op.operation if hasattr(op, "operation") else op
+    if op.name == "sdy.mesh" or _is_sharding_noop(op):
+      noops.append(op)
+    elif op.name not in ("builtin.module", "func.func"):
+      sites.append(OpSite(_op_label(op), _source_line(op.location), _element_types(op)))
+    _strip_sdy_attributes(op)
+    return ir.WalkResult.ADVANCE
+
+  with module.context:
+    module.operation.walk(visit)
+    for op in noops:
+      if op.results:
+        op.results[0].replace_all_uses_with(op.operands[0])
+      op.erase()
+  return module.operation.get_asm(enable_debug_info=False), tuple(sites)
+
+
+def check_target_support(sites: tuple[OpSite, ...], target: Target) -> None:
+  """Raises UnsupportedOpError for the first op ``target`` cannot compile.
+
+  Checks custom calls (kernels IREE does not have) and element types the target
+  lacks, so that the user sees the op and its source line instead of an
+  iree-compile legalization failure.
+  """
+  for site in sites:
+    if site.op.startswith("stablehlo.custom_call"):
+      raise UnsupportedOpError(
+          f"`{site.op}` at {site.location} cannot be compiled for target {target.name!r}: "
+          "IREE has no implementation of this custom call. Replace the function that "
+          "emits it (a jax.ffi call or a backend-specific kernel) with jax.numpy/lax ops."
+      )
+    for element_type in site.element_types:
+      if any(element_type.startswith(bad) for bad in target.unsupported_types):
+        raise UnsupportedOpError(
+            f"`{site.op}` at {site.location} uses element type {element_type}, which target "
+            f"{target.name!r} does not support. Convert to a type IREE supports "
+            "(e.g. float8_e4m3fn or bfloat16) before this op."
+        )

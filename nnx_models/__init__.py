@@ -1,0 +1,16 @@
+"""The NNX model zoo of nnx-metal: the models of the Flax NNX basics guide, modern API."""
+
+from ._linear import Count as Count
+from ._linear import Counter as Counter
+from ._linear import Linear as Linear
+from ._linear import StatefulLinear as StatefulLinear
+from ._lora import LoraLinear as LoraLinear
+from ._lora import LoraParam as LoraParam
+from ._lora import lora as lora
+from ._lora import merge_lora as merge_lora
+from ._mlp import MLP as MLP
+from ._mlp import StackedMLP as StackedMLP
+from ._regression import LinearRegression as LinearRegression
+from ._regression import make_regression_data as make_regression_data
+from ._zoo import ZOO as ZOO
+from ._zoo import ZooEntry as ZooEntry

@@ -1,0 +1,53 @@
+"""Sessions: `nox -s metal` builds Metal artifacts, `nox -s tests` runs the tests, `nox -s lint`, `nox -s bench`."""
+
+import os
+import shutil
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests"]
+
+# The Vulkan ICD of Mesa's lavapipe (a CPU Vulkan driver) runs the SPIR-V code
+# generation that the Metal target is built on; spirv-val validates that SPIR-V.
+SYSTEM_PACKAGES = {"mesa-vulkan-drivers": "/usr/share/vulkan/icd.d/lvp_icd.x86_64.json", "spirv-tools": "spirv-val"}
+
+
+def _missing_system_packages() -> list[str]:
+  return [pkg for pkg, probe in SYSTEM_PACKAGES.items() if not (os.path.exists(probe) or shutil.which(probe))]
+
+
+def _install_system_packages(session: nox.Session) -> None:
+  """Installs the Debian packages the Vulkan and SPIR-V tests need, where we can."""
+  missing = _missing_system_packages()
+  if not missing:
+    return
+  if shutil.which("apt-get") and os.geteuid() == 0:
+    session.run("apt-get", "update", "-q", external=True)
+    session.run("apt-get", "install", "-y", "-q", "libvulkan1", *missing, external=True)
+  else:
+    session.warn(f"Install {', '.join(missing)} for the Vulkan and SPIR-V tests; they skip without them.")
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+  """Runs the test suite (parity on cpu and vulkan, Metal compiles, errors)."""
+  _install_system_packages(session)
+  session.install("-e", ".[test]")
+  session.run("pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def metal(session: nox.Session) -> None:
+  """Compiles every zoo model for Metal into build/metal/<model>/ and prints a table."""
+  session.install("-e", ".")
+  session.run("python", "-m", "compile.zoo_build", "--target", "metal", "--out", "build/metal", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+  """Runs ruff."""
+  session.install("ruff")
+  session.run("ruff", "check", ".")
+  session.run("ruff", "format", "--check", ".")

@@ -1,0 +1,72 @@
+"""Shared test configuration: strict JAX, per-target tolerances, tree-aware comparisons, device gating."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import compile as nnxc
+
+# Mixed-dtype arithmetic must be explicit (the guide models broadcast ranks, so rank promotion stays on).
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# Compiled vs eager, per target. IREE fuses and reorders float reductions
+# differently from XLA, so results agree to float32 rounding, not bit for bit.
+# The check is normwise per leaf, |a - b| <= atol + rtol * max|b|: rounding error
+# scales with the magnitudes summed, not with each result (StackedMLP in eval mode
+# sums activations of ~1e7 into outputs near 0). Integers, keys and counts must match exactly.
+TOLERANCES = {"cpu": dict(rtol=2e-5, atol=2e-5), "vulkan": dict(rtol=2e-5, atol=2e-5)}
+
+# CI sets NNX_METAL_REQUIRE="vulkan,spirv-val": there a missing one fails instead of skipping.
+REQUIRED = {name for name in os.environ.get("NNX_METAL_REQUIRE", "").split(",") if name}
+
+
+def skip_or_fail(name: str, reason: str):
+  if name in REQUIRED:
+    pytest.fail(f"{reason} (required here by NNX_METAL_REQUIRE)")
+  pytest.skip(reason)
+
+
+def require_device(target: str) -> None:
+  """Skips (or fails, where required) when ``target``'s runtime device is missing."""
+  try:
+    nnxc.load  # noqa: B018  (the import above must work whatever the device)
+    from compile._device import open_device
+
+    open_device(nnxc.get_target(target).drivers[0])
+  except nnxc.DeviceUnavailableError as e:
+    skip_or_fail(target, f"no {target} device: {e}")
+
+
+def require_spirv_val() -> str:
+  path = shutil.which("spirv-val")
+  if path is None:
+    skip_or_fail("spirv-val", "spirv-val not installed (Debian package spirv-tools)")
+  return path
+
+
+def _comparable(x):
+  if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+    return np.asarray(jax.random.key_data(x))
+  return np.asarray(x)
+
+
+def assert_trees_allclose(actual, expected, *, rtol: float, atol: float) -> None:
+  """Structure first, then every leaf: dtype, shape, then values (keys compared as key_data).
+
+  Floats are compared normwise per leaf (see TOLERANCES); everything else exactly.
+  """
+  actual_leaves, actual_tree = jax.tree_util.tree_flatten_with_path(actual)
+  expected_leaves, expected_tree = jax.tree_util.tree_flatten_with_path(expected)
+  assert actual_tree == expected_tree, f"structure differs:\n{actual_tree}\nvs\n{expected_tree}"
+  for (path, a), (_, b) in zip(actual_leaves, expected_leaves):
+    a, b = _comparable(a), _comparable(b)
+    where = jax.tree_util.keystr(path)
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+    if not np.issubdtype(b.dtype, np.inexact):
+      np.testing.assert_array_equal(a, b, err_msg=where)
+      continue
+    scale = float(np.max(np.abs(b), initial=0.0))
+    np.testing.assert_allclose(a, b, rtol=0, atol=atol + rtol * scale, err_msg=f"{where} (max|expected| = {scale:.3g})")
