@@ -99,7 +99,7 @@ def build(
     lowered: from :func:`lower`.
     target: ``metal``, ``cpu``, ``vulkan`` or ``cuda`` (see :func:`get_target`).
     metal_platform: ``macos`` or ``ios``, for ``metal``.
-    cuda_arch: e.g. ``sm_90``, for ``cuda``.
+    cuda_arch: e.g. ``sm_80``, for ``cuda`` (see :func:`get_target`).
     extra_flags: more iree-compile flags, appended.
 
   Raises:

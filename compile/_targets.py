@@ -39,6 +39,8 @@ class Target:
 # split into hi/lo words by a 32-bit shift, and demoting that silently changes
 # every Dropout mask. IREE's SPIR-V code generation handles (or emulates) i64.
 _DEMOTE_F64 = ("--iree-input-demote-f64-to-f32",)
+# iree-compile 3.13 demotes f64 by default on every target; CPU and CUDA have f64.
+_KEEP_F64 = ("--iree-input-demote-f64-to-f32=false",)
 
 METAL_PLATFORMS = ("macos", "ios")
 
@@ -73,6 +75,7 @@ def _cpu() -> Target:
           "--iree-hal-target-device=local",
           "--iree-hal-local-target-device-backends=llvm-cpu",
           "--iree-llvmcpu-target-cpu=host",
+          *_KEEP_F64,
       ),
   )
 
@@ -93,7 +96,7 @@ def _cuda(arch: str) -> Target:
       name="cuda",
       backend="cuda",
       drivers=("cuda",),
-      flags=("--iree-hal-target-backends=cuda", f"--iree-cuda-target={arch}"),
+      flags=("--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}", *_KEEP_F64),
   )
 
 
@@ -106,7 +109,9 @@ def get_target(name: str | Target, *, metal_platform: str = "macos", cuda_arch: 
   Args:
     name: one of ``metal``, ``cpu``, ``vulkan``, ``cuda`` (or a Target, returned as is).
     metal_platform: ``macos`` or ``ios``, for ``metal``.
-    cuda_arch: the GPU architecture for ``cuda``, e.g. ``sm_90`` for Hopper.
+    cuda_arch: the GPU architecture for ``cuda``. iree-compile 3.13 knows up to
+      ``sm_89`` (no ``sm_90`` target description, iree-org/iree#22147); PTX built
+      for ``sm_80`` is JIT-compiled forward by the driver on Hopper and later GPUs.
 
   Raises:
     UnknownTargetError: ``name`` is not a known target.
