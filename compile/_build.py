@@ -70,9 +70,9 @@ def _dispatch_name(path: pathlib.Path) -> str:
 
 def _dump_flags(dump: pathlib.Path) -> list[str]:
   return [
-      f"--iree-hal-dump-executable-sources-to={dump / 'sources'}",
-      f"--iree-hal-dump-executable-binaries-to={dump / 'binaries'}",
-      f"--iree-hal-dump-executable-intermediates-to={dump / 'intermediates'}",
+    f"--iree-hal-dump-executable-sources-to={dump / 'sources'}",
+    f"--iree-hal-dump-executable-binaries-to={dump / 'binaries'}",
+    f"--iree-hal-dump-executable-intermediates-to={dump / 'intermediates'}",
   ]
 
 
@@ -86,12 +86,12 @@ def _read_dumps(dump: pathlib.Path) -> tuple[int, dict[str, str], dict[str, byte
 
 
 def build(
-    lowered: Lowered,
-    target: str | Target = "cpu",
-    *,
-    metal_platform: str = "macos",
-    cuda_arch: str = "sm_80",
-    extra_flags: tuple[str, ...] = (),
+  lowered: Lowered,
+  target: str | Target = "cpu",
+  *,
+  metal_platform: str = "macos",
+  cuda_arch: str = "sm_80",
+  extra_flags: tuple[str, ...] = (),
 ) -> Compiled:
   """Compiles ``lowered`` with iree-compile for ``target``.
 

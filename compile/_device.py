@@ -21,16 +21,14 @@ def open_device(driver: str) -> rt.HalDevice:
   available = rt.query_available_drivers()
   if driver not in available:
     raise DeviceUnavailableError(
-        f"The IREE runtime driver {driver!r} is not available here (available: "
-        f"{', '.join(sorted(available))}). Run this module where that device exists, "
-        "or compile for a target this machine has ('cpu', 'vulkan')."
+      f"The IREE runtime driver {driver!r} is not available here (available: "
+      f"{', '.join(sorted(available))}). Run this module where that device exists, "
+      "or compile for a target this machine has ('cpu', 'vulkan')."
     )
   try:
     return rt.get_device(driver, cache=True)
   except (RuntimeError, ValueError) as e:
-    raise DeviceUnavailableError(
-        f"The IREE runtime driver {driver!r} is installed but found no device: {e}"
-    ) from e
+    raise DeviceUnavailableError(f"The IREE runtime driver {driver!r} is installed but found no device: {e}") from e
 
 
 class DeviceModule:
@@ -56,11 +54,11 @@ class DeviceModule:
   def to_device(self, array: np.ndarray) -> rt.HalBufferView:
     array = np.asarray(array, order="C")  # not ascontiguousarray: it turns scalars 1-d
     return self.device.allocator.allocate_buffer_copy(
-        memory_type=int(rt.MemoryType.DEVICE_LOCAL),
-        allowed_usage=int(rt.BufferUsage.DEFAULT),
-        device=self.device,
-        buffer=array,
-        element_type=map_dtype_to_element_type(array.dtype),
+      memory_type=int(rt.MemoryType.DEVICE_LOCAL),
+      allowed_usage=int(rt.BufferUsage.DEFAULT),
+      device=self.device,
+      buffer=array,
+      element_type=map_dtype_to_element_type(array.dtype),
     )
 
   def invoke(self, function: rt.VmFunction, inputs: list) -> list[rt.HalBufferView]:
@@ -84,11 +82,9 @@ class DeviceModule:
     if buffer.memory_type() & _MAPPABLE_MEMORY and buffer.allowed_usage() & _MAPPABLE_USAGE:
       return np.array(view.map().asarray(shape, dtype), copy=True)
     staging = self.device.allocator.allocate_buffer(
-        memory_type=_STAGING_MEMORY, allowed_usage=_STAGING_USAGE, allocation_size=buffer.byte_length()
+      memory_type=_STAGING_MEMORY, allowed_usage=_STAGING_USAGE, allocation_size=buffer.byte_length()
     )
     semaphore = self.device.create_semaphore(0)
-    self.device.queue_copy(
-        buffer, staging, rt.HalFence.create_at(semaphore, 0), rt.HalFence.create_at(semaphore, 1)
-    )
+    self.device.queue_copy(buffer, staging, rt.HalFence.create_at(semaphore, 0), rt.HalFence.create_at(semaphore, 1))
     rt.HalFence.create_at(semaphore, 1).wait()
     return np.array(staging.map().asarray(shape, dtype), copy=True)

@@ -27,9 +27,7 @@ class CompileError(NnxMetalError):
   def __init__(self, target: str, flags: list[str], diagnostics: str):
     self.target, self.flags, self.diagnostics = target, flags, diagnostics
     super().__init__(
-        f"iree-compile failed for target {target!r}.\n"
-        f"flags: {' '.join(flags)}\n"
-        f"diagnostics:\n{diagnostics.strip()}"
+      f"iree-compile failed for target {target!r}.\nflags: {' '.join(flags)}\ndiagnostics:\n{diagnostics.strip()}"
     )
 
 

@@ -79,13 +79,13 @@ class StateLayout:
     values = jax.tree.leaves(state)
     if len(values) != len(self.leaves):
       self.check(state)
-    return [jax.random.key_data(v) if leaf.key_impl else v for leaf, v in zip(self.leaves, values)]
+    return [jax.random.key_data(v) if leaf.key_impl else v for leaf, v in zip(self.leaves, values, strict=True)]
 
   def unflatten(self, values: list[Any]) -> nnx.State:
     """The State holding ``values`` (boundary order); key_data is wrapped back into keys."""
     values = [
-        jax.random.wrap_key_data(v, impl=leaf.key_impl) if leaf.key_impl else v
-        for leaf, v in zip(self.leaves, values)
+      jax.random.wrap_key_data(v, impl=leaf.key_impl) if leaf.key_impl else v
+      for leaf, v in zip(self.leaves, values, strict=True)
     ]
     return jax.tree.unflatten(self.treedef, values)
 
@@ -97,17 +97,17 @@ class StateLayout:
       want = expected.pop(leaf.name, None)
       if want is None:
         raise StateMismatchError(
-            f"State has {leaf.describe()}, which the compiled GraphDef does not have. "
-            "Pass the State of the model that was lowered (nnx.split(model)), or lower again."
+          f"State has {leaf.describe()}, which the compiled GraphDef does not have. "
+          "Pass the State of the model that was lowered (nnx.split(model)), or lower again."
         )
       if (want.shape, want.dtype, want.variable_type) != (leaf.shape, leaf.dtype, leaf.variable_type):
         raise StateMismatchError(
-            f"State leaf {leaf.name}: expected {want.describe()}, got {leaf.describe()}. "
-            "Cast or reshape it, or lower the model again with the new state."
+          f"State leaf {leaf.name}: expected {want.describe()}, got {leaf.describe()}. "
+          "Cast or reshape it, or lower the model again with the new state."
         )
     if expected:
       missing = next(iter(expected.values()))
       raise StateMismatchError(
-          f"State is missing {missing.describe()}, which the compiled GraphDef needs. "
-          "Pass the full State of the lowered model, not a filtered part of it."
+        f"State is missing {missing.describe()}, which the compiled GraphDef needs. "
+        "Pass the full State of the lowered model, not a filtered part of it."
       )

@@ -62,8 +62,7 @@ def pure_function(graphdef: nnx.GraphDef, layout: StateLayout, method: str) -> C
 def _leaves(prefix: str, tree: Any) -> tuple[Leaf, ...]:
   with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
   return tuple(
-      Leaf(f"{prefix}{jax.tree_util.keystr(path)}", tuple(x.shape), np.dtype(x.dtype).name)
-      for path, x in with_paths
+    Leaf(f"{prefix}{jax.tree_util.keystr(path)}", tuple(x.shape), np.dtype(x.dtype).name) for path, x in with_paths
   )
 
 
@@ -97,13 +96,13 @@ def lower(model: nnx.Module, /, *args: Any, method: str = "__call__") -> Lowered
   mlir, sites = clean_for_iree(traced.compiler_ir("stablehlo"))
   outputs, _ = traced.out_info
   return Lowered(
-      mlir=mlir,
-      graphdef=graphdef,
-      model_name=type(model).__name__,
-      method=method,
-      state=layout,
-      args=_leaves("args", list(shapes)),
-      outputs=_leaves("outputs", outputs),
-      output_treedef=jax.tree.structure(outputs),
-      sites=sites,
+    mlir=mlir,
+    graphdef=graphdef,
+    model_name=type(model).__name__,
+    method=method,
+    state=layout,
+    args=_leaves("args", list(shapes)),
+    outputs=_leaves("outputs", outputs),
+    output_treedef=jax.tree.structure(outputs),
+    sites=sites,
   )

@@ -40,8 +40,8 @@ class Executable:
     driver = device or target.drivers[0]
     if driver not in target.drivers:
       raise UnknownTargetError(
-          f"A module compiled for {target.name!r} runs on the IREE driver(s) "
-          f"{', '.join(target.drivers)}, not {driver!r}. Build for another target to run there."
+        f"A module compiled for {target.name!r} runs on the IREE driver(s) "
+        f"{', '.join(target.drivers)}, not {driver!r}. Build for another target to run there."
       )
     self.compiled, self.lowered, self.driver = compiled, compiled.lowered, driver
     self._module = DeviceModule(compiled.vmfb, open_device(driver))
@@ -73,23 +73,31 @@ class Executable:
     if jax.tree.structure(state) != layout.treedef:
       layout.check(state)
     values = layout.flatten(state)
-    return [_checked(leaf, v, dt, _state_mismatch) for leaf, v, dt in zip(layout.leaves, values, self._state_dtypes)]
+    return [
+      _checked(leaf, v, dt, _state_mismatch)
+      for leaf, v, dt in zip(layout.leaves, values, self._state_dtypes, strict=True)
+    ]
 
   def arg_arrays(self, args: tuple) -> list[np.ndarray]:
     flat = jax.tree.leaves(args)
     if len(flat) != len(self.lowered.args):
       raise SignatureError(
-          f"Got {len(flat)} input arrays, expected {len(self.lowered.args)}: {self.lowered.signature()}."
+        f"Got {len(flat)} input arrays, expected {len(self.lowered.args)}: {self.lowered.signature()}."
       )
-    return [_checked(leaf, v, dt, self._arg_mismatch) for leaf, v, dt in zip(self.lowered.args, flat, self._arg_dtypes)]
+    return [
+      _checked(leaf, v, dt, self._arg_mismatch)
+      for leaf, v, dt in zip(self.lowered.args, flat, self._arg_dtypes, strict=True)
+    ]
 
   def outputs_from(self, views: list) -> Any:
-    arrays = [self._host(leaf, v, dt) for leaf, v, dt in zip(self.lowered.outputs, views, self._output_dtypes)]
+    arrays = [
+      self._host(leaf, v, dt) for leaf, v, dt in zip(self.lowered.outputs, views, self._output_dtypes, strict=True)
+    ]
     return jax.tree.unflatten(self.lowered.output_treedef, arrays)
 
   def state_from(self, views: list) -> nnx.State:
     layout = self.lowered.state
-    values = [self._host(leaf, v, dt) for leaf, v, dt in zip(layout.leaves, views, self._state_dtypes)]
+    values = [self._host(leaf, v, dt) for leaf, v, dt in zip(layout.leaves, views, self._state_dtypes, strict=True)]
     return layout.unflatten(values)
 
   def to_device(self, arrays: list[np.ndarray]) -> list:
@@ -103,16 +111,16 @@ class Executable:
 
   def _arg_mismatch(self, leaf: Leaf, got: str) -> SignatureError:
     return SignatureError(
-        f"Input {leaf.name}: expected {leaf.dtype}{list(leaf.shape)}, got {got}. "
-        f"The compiled signature is {self.lowered.signature()}; "
-        "pass matching inputs or lower again with these shapes."
+      f"Input {leaf.name}: expected {leaf.dtype}{list(leaf.shape)}, got {got}. "
+      f"The compiled signature is {self.lowered.signature()}; "
+      "pass matching inputs or lower again with these shapes."
     )
 
 
 def _state_mismatch(leaf: Leaf, got: str) -> StateMismatchError:
   return StateMismatchError(
-      f"State leaf {leaf.name} ({leaf.variable_type}): expected {leaf.dtype}{list(leaf.shape)}, "
-      f"got {got}. Pass the State of the lowered model or lower again."
+    f"State leaf {leaf.name} ({leaf.variable_type}): expected {leaf.dtype}{list(leaf.shape)}, "
+    f"got {got}. Pass the State of the lowered model or lower again."
   )
 
 

@@ -58,7 +58,7 @@ def _is_sharding_noop(op: ir.Operation) -> bool:
   if op.name == "sdy.sharding_constraint":
     return True
   return op.name == "stablehlo.custom_call" and (
-      ir.StringAttr(op.attributes["call_target_name"]).value in _SHARDING_CALLS
+    ir.StringAttr(op.attributes["call_target_name"]).value in _SHARDING_CALLS
   )
 
 
@@ -114,14 +114,14 @@ def check_target_support(sites: tuple[OpSite, ...], target: Target) -> None:
   for site in sites:
     if site.op.startswith("stablehlo.custom_call"):
       raise UnsupportedOpError(
-          f"`{site.op}` at {site.location} cannot be compiled for target {target.name!r}: "
-          "IREE has no implementation of this custom call. Replace the function that "
-          "emits it (a jax.ffi call or a backend-specific kernel) with jax.numpy/lax ops."
+        f"`{site.op}` at {site.location} cannot be compiled for target {target.name!r}: "
+        "IREE has no implementation of this custom call. Replace the function that "
+        "emits it (a jax.ffi call or a backend-specific kernel) with jax.numpy/lax ops."
       )
     for element_type in site.element_types:
       if any(element_type.startswith(bad) for bad in target.unsupported_types):
         raise UnsupportedOpError(
-            f"`{site.op}` at {site.location} uses element type {element_type}, which target "
-            f"{target.name!r} does not support. Convert to a type IREE supports "
-            "(e.g. float8_e4m3fn or bfloat16) before this op."
+          f"`{site.op}` at {site.location} uses element type {element_type}, which target "
+          f"{target.name!r} does not support. Convert to a type IREE supports "
+          "(e.g. float8_e4m3fn or bfloat16) before this op."
         )

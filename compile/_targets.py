@@ -52,51 +52,51 @@ def _metal(platform: str) -> Target:
   # driver compiles on first load; with it, a precompiled .metallib.
   has_metal_toolchain = shutil.which("xcrun") is not None and shutil.which("metal") is not None
   return Target(
-      name="metal",
-      backend="metal-spirv",
-      drivers=("metal",),
-      flags=(
-          "--iree-hal-target-backends=metal-spirv",
-          f"--iree-metal-target-platform={platform}",
-          f"--iree-metal-compile-to-metallib={'true' if has_metal_toolchain else 'false'}",
-          *_DEMOTE_F64,
-      ),
-      demote_f64=True,
-      spirv=True,
+    name="metal",
+    backend="metal-spirv",
+    drivers=("metal",),
+    flags=(
+      "--iree-hal-target-backends=metal-spirv",
+      f"--iree-metal-target-platform={platform}",
+      f"--iree-metal-compile-to-metallib={'true' if has_metal_toolchain else 'false'}",
+      *_DEMOTE_F64,
+    ),
+    demote_f64=True,
+    spirv=True,
   )
 
 
 def _cpu() -> Target:
   return Target(
-      name="cpu",
-      backend="llvm-cpu",
-      drivers=("local-sync", "local-task"),
-      flags=(
-          "--iree-hal-target-device=local",
-          "--iree-hal-local-target-device-backends=llvm-cpu",
-          "--iree-llvmcpu-target-cpu=host",
-          *_KEEP_F64,
-      ),
+    name="cpu",
+    backend="llvm-cpu",
+    drivers=("local-sync", "local-task"),
+    flags=(
+      "--iree-hal-target-device=local",
+      "--iree-hal-local-target-device-backends=llvm-cpu",
+      "--iree-llvmcpu-target-cpu=host",
+      *_KEEP_F64,
+    ),
   )
 
 
 def _vulkan() -> Target:
   return Target(
-      name="vulkan",
-      backend="vulkan-spirv",
-      drivers=("vulkan",),
-      flags=("--iree-hal-target-backends=vulkan-spirv", *_DEMOTE_F64),
-      demote_f64=True,
-      spirv=True,
+    name="vulkan",
+    backend="vulkan-spirv",
+    drivers=("vulkan",),
+    flags=("--iree-hal-target-backends=vulkan-spirv", *_DEMOTE_F64),
+    demote_f64=True,
+    spirv=True,
   )
 
 
 def _cuda(arch: str) -> Target:
   return Target(
-      name="cuda",
-      backend="cuda",
-      drivers=("cuda",),
-      flags=("--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}", *_KEEP_F64),
+    name="cuda",
+    backend="cuda",
+    drivers=("cuda",),
+    flags=("--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}", *_KEEP_F64),
   )
 
 

@@ -43,9 +43,9 @@ def _parity_error(entry: ZooEntry, mode: str, compiled: Compiled) -> float:
   got = executable(nnx.state(model), *args)
   want = (model(*args), nnx.state(model))
   errors = jax.tree.map(
-      lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0)),
-      jax.tree.map(_comparable, got),
-      jax.tree.map(_comparable, want),
+    lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0)),
+    jax.tree.map(_comparable, got),
+    jax.tree.map(_comparable, want),
   )
   return max(jax.tree.leaves(errors), default=0.0)
 
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
       except DeviceUnavailableError:
         run = f"not run: no {options.target} device here"
       print(
-          f"{name:<20}{'call_' + mode:<13}{compiled.dispatch_count:>11}{len(compiled.vmfb):>12}"
-          f"{len(compiled.msl):>10}{compiled.compile_seconds:>11.2f}  {run}"
+        f"{name:<20}{'call_' + mode:<13}{compiled.dispatch_count:>11}{len(compiled.vmfb):>12}"
+        f"{len(compiled.msl):>10}{compiled.compile_seconds:>11.2f}  {run}"
       )
   print(f"\nArtifacts in {options.out}/<model>/call_<mode>/: module.vmfb, module.mlir, msl/, spirv/")
   return 0

@@ -21,7 +21,7 @@ class LinearRegression(nnx.Module):
 
 
 def make_regression_data(
-    n_samples: int = 20, x_dim: int = 10, y_dim: int = 5, *, seed: int = 0
+  n_samples: int = 20, x_dim: int = 10, y_dim: int = 5, *, seed: int = 0
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """The guide's synthetic data: ``y = x @ W + b + 0.1 * noise``.
 

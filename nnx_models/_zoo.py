@@ -4,7 +4,6 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ._linear import Counter, Linear, StatefulLinear
@@ -44,14 +43,14 @@ def _lora_mlp(seed: int) -> nnx.Module:
 
 
 ZOO: dict[str, ZooEntry] = {
-    entry.name: entry
-    for entry in [
-        ZooEntry("linear", lambda s: Linear(2, 5, rngs=nnx.Rngs(params=s)), _normal(2)),
-        ZooEntry("counter", lambda s: Counter(), _no_args),
-        ZooEntry("stateful_linear", lambda s: StatefulLinear(3, 5, rngs=nnx.Rngs(s)), _normal(3)),
-        ZooEntry("mlp", lambda s: MLP(2, 16, 5, rngs=nnx.Rngs(s)), _normal(2)),
-        ZooEntry("lora_mlp", _lora_mlp, _normal(2)),
-        ZooEntry("stacked_mlp", lambda s: StackedMLP(10, 32, 5, rngs=nnx.Rngs(s)), _normal(10)),
-        ZooEntry("linear_regression", lambda s: LinearRegression(10, 5, rngs=nnx.Rngs(s)), _normal(10)),
-    ]
+  entry.name: entry
+  for entry in [
+    ZooEntry("linear", lambda s: Linear(2, 5, rngs=nnx.Rngs(params=s)), _normal(2)),
+    ZooEntry("counter", lambda s: Counter(), _no_args),
+    ZooEntry("stateful_linear", lambda s: StatefulLinear(3, 5, rngs=nnx.Rngs(s)), _normal(3)),
+    ZooEntry("mlp", lambda s: MLP(2, 16, 5, rngs=nnx.Rngs(s)), _normal(2)),
+    ZooEntry("lora_mlp", _lora_mlp, _normal(2)),
+    ZooEntry("stacked_mlp", lambda s: StackedMLP(10, 32, 5, rngs=nnx.Rngs(s)), _normal(10)),
+    ZooEntry("linear_regression", lambda s: LinearRegression(10, 5, rngs=nnx.Rngs(s)), _normal(10)),
+  ]
 }

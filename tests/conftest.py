@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import compile as nnxc
+from compile._device import open_device
 
 # Mixed-dtype arithmetic must be explicit (the guide models broadcast ranks, so rank promotion stays on).
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -32,9 +33,6 @@ def skip_or_fail(name: str, reason: str):
 def require_device(target: str) -> None:
   """Skips (or fails, where required) when ``target``'s runtime device is missing."""
   try:
-    nnxc.load  # noqa: B018  (the import above must work whatever the device)
-    from compile._device import open_device
-
     open_device(nnxc.get_target(target).drivers[0])
   except nnxc.DeviceUnavailableError as e:
     skip_or_fail(target, f"no {target} device: {e}")
@@ -61,7 +59,7 @@ def assert_trees_allclose(actual, expected, *, rtol: float, atol: float) -> None
   actual_leaves, actual_tree = jax.tree_util.tree_flatten_with_path(actual)
   expected_leaves, expected_tree = jax.tree_util.tree_flatten_with_path(expected)
   assert actual_tree == expected_tree, f"structure differs:\n{actual_tree}\nvs\n{expected_tree}"
-  for (path, a), (_, b) in zip(actual_leaves, expected_leaves):
+  for (path, a), (_, b) in zip(actual_leaves, expected_leaves, strict=True):
     a, b = _comparable(a), _comparable(b)
     where = jax.tree_util.keystr(path)
     assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"

@@ -66,7 +66,7 @@ def test_lowering_accepts_shape_specs_and_other_methods():
       return {"y": self.linear(x) * scale, "norm": jnp.sum(x * x)}
 
   lowered = nnxc.lower(
-      TwoMethods(nnx.Rngs(0)), jax.ShapeDtypeStruct((2, 4), jnp.float32), jnp.float32(2.0), method="features"
+    TwoMethods(nnx.Rngs(0)), jax.ShapeDtypeStruct((2, 4), jnp.float32), jnp.float32(2.0), method="features"
   )
   assert [leaf.name for leaf in lowered.outputs] == ["outputs['norm']", "outputs['y']"]
   executable = nnxc.load(nnxc.build(lowered, "cpu"))

@@ -38,10 +38,10 @@ def test_lora_wraps_every_linear_and_separates_lora_state():
   assert model.linear1.A.shape == (2, 4) and model.linear2.B.shape == (4, 5)
   _, lora_state, rest = nnx.split(model, LoraParam, ...)
   assert sorted(p for p, _ in nnx.to_flat_state(lora_state)) == [
-      ("linear1", "A"),
-      ("linear1", "B"),
-      ("linear2", "A"),
-      ("linear2", "B"),
+    ("linear1", "A"),
+    ("linear1", "B"),
+    ("linear2", "A"),
+    ("linear2", "B"),
   ]
   assert all(not isinstance(v, LoraParam) for _, v in nnx.to_flat_state(rest))
 
