@@ -1,0 +1,20 @@
+"""The README's Python example runs as written."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).parent.parent / "README.md"
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+  assert blocks, "README.md has no python example"
+  monkeypatch.chdir(tmp_path)  # it saves into build/
+  namespace = {}
+  exec(compile_source(blocks[0]), namespace)
+  assert (tmp_path / "build" / "my_mlp" / "module.vmfb").exists()
+  assert namespace["y"].shape == (8, 5)
+
+
+def compile_source(source: str):
+  return compile(source, str(README), "exec")  # the builtin, not our package
