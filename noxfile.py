@@ -42,7 +42,7 @@ def tests(session: nox.Session) -> None:
 def metal(session: nox.Session) -> None:
   """Compiles every zoo model for Metal into build/metal/<model>/ and prints a table."""
   session.install("-e", ".")
-  session.run("python", "-m", "compile.zoo_build", "--target", "metal", "--out", "build/metal", *session.posargs)
+  session.run("python", "-m", "compile.build_zoo", "--target", "metal", "--out", "build/metal", *session.posargs)
 
 
 @nox.session(python="3.11")
