@@ -76,9 +76,9 @@ class StateLayout:
 
   def flatten(self, state: nnx.State) -> list[Any]:
     """The State's values in boundary order, keys as key_data. Works under tracing."""
-    values = jax.tree.leaves(state)
-    if len(values) != len(self.leaves):
-      self.check(state)
+    values, treedef = jax.tree.flatten(state)  # one walk of the pytree, also on the hot path
+    if treedef != self.treedef:
+      self.check(state)  # raises naming the first path that differs
     return [jax.random.key_data(v) if leaf.key_impl else v for leaf, v in zip(self.leaves, values, strict=True)]
 
   def unflatten(self, values: list[Any]) -> nnx.State:

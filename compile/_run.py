@@ -58,9 +58,8 @@ class Executable:
       StateMismatchError: ``state`` does not match the lowered GraphDef (names the path).
       SignatureError: an input has the wrong shape or dtype (names the argument).
     """
-    results = self._module.invoke(self._function, [*self.state_arrays(state), *self.arg_arrays(args)])
-    num_outputs = len(self.lowered.outputs)
-    return self.outputs_from(results[:num_outputs]), self.state_from(results[num_outputs:])
+    outputs, state_views = self.run([*self.state_arrays(state), *self.arg_arrays(args)])
+    return outputs, self.state_from(state_views)
 
   def bind(self, state: nnx.State) -> "Session":
     """A :class:`Session` that keeps ``state`` on the device across calls."""
@@ -70,8 +69,6 @@ class Executable:
 
   def state_arrays(self, state: nnx.State) -> list[np.ndarray]:
     layout = self.lowered.state
-    if jax.tree.structure(state) != layout.treedef:
-      layout.check(state)
     values = layout.flatten(state)
     return [
       _checked(leaf, v, dt, _state_mismatch)
@@ -103,8 +100,11 @@ class Executable:
   def to_device(self, arrays: list[np.ndarray]) -> list:
     return [self._module.to_device(a) for a in arrays]
 
-  def invoke(self, inputs: list) -> list:
-    return self._module.invoke(self._function, inputs)
+  def run(self, inputs: list) -> tuple[Any, list]:
+    """Invokes the module on ``(*state, *args)``; returns host outputs and the state still on the device."""
+    results = self._module.invoke(self._function, inputs)
+    num_outputs = len(self.lowered.outputs)
+    return self.outputs_from(results[:num_outputs]), results[num_outputs:]
 
   def _host(self, leaf: Leaf, view, dtype: np.dtype) -> jax.Array:
     return jnp.asarray(self._module.to_host(view, dtype).astype(leaf.dtype, copy=False))
@@ -143,11 +143,8 @@ class Session:
     self._state = executable.to_device(executable.state_arrays(state))
 
   def __call__(self, *args: Any) -> Any:
-    exe = self.executable
-    results = exe.invoke([*self._state, *exe.arg_arrays(args)])
-    num_outputs = len(exe.lowered.outputs)
-    self._state = results[num_outputs:]
-    return exe.outputs_from(results[:num_outputs])
+    outputs, self._state = self.executable.run([*self._state, *self.executable.arg_arrays(args)])
+    return outputs
 
   def state(self) -> nnx.State:
     """Copies the current state from the device as an ``nnx.State``."""
