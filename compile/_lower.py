@@ -1,4 +1,4 @@
-"""Lowering: split an NNX model once into a pure ``fn(state, *args) -> (outputs, new_state)`` in StableHLO."""
+"""Lowering: split NNX objects once, trace a pure ``fn(state, *args) -> (outputs, changed state)`` to StableHLO."""
 
 import dataclasses
 from collections.abc import Callable
@@ -9,29 +9,35 @@ import numpy as np
 from flax import nnx
 
 from ._layout import Leaf, StateLayout
-from ._stablehlo import OpSite, clean_for_iree
+from ._stablehlo import OpSite, clean_for_iree, embeddable_functions
 
 
 @dataclasses.dataclass(frozen=True)
 class Lowered:
-  """A model method lowered to StableHLO that iree-compile accepts.
+  """One function of NNX objects lowered to StableHLO that iree-compile accepts.
 
-  The compiled function takes ``(*state, *args)`` and returns ``(*outputs, *state)``,
-  each flat, in the order of the fields below.
+  The compiled function takes ``(*state, *args)`` and returns ``(*outputs, *updated)``,
+  each flat: ``updated`` holds only the state leaves the function changed (their
+  indices in ``updates``); every other leaf comes out as it went in.
 
   Attributes:
-    mlir: the StableHLO module text (sharding annotations removed).
-    graphdef: the model's GraphDef, closed over by the function.
-    model_name: the model's class name.
-    method: the lowered method's name.
+    mlir: a standalone StableHLO module with the function as ``@main``.
+    functions: the same functions, private and renamed ``<name>.<symbol>``, to
+      paste into a larger module (see ``_assemble.py``).
+    graphdef: the objects' GraphDef, closed over by the function.
+    model_name: the class name of the (first) object.
+    method: the function's name.
     state: the State's flat layout (names, Variable types, shapes, dtypes).
-    args: the method's flat inputs.
-    outputs: the method's flat outputs.
-    output_treedef: the pytree structure of the method's return value.
+    args: the function's flat inputs.
+    outputs: the function's flat outputs.
+    output_treedef: the pytree structure of the function's return value.
+    updates: indices into ``state.leaves`` of the leaves the function changes.
+    state_types, arg_types, output_types: the MLIR tensor types at the boundary.
     sites: every op of the program, with its source line, for target checks.
   """
 
   mlir: str
+  functions: str
   graphdef: nnx.GraphDef
   model_name: str
   method: str
@@ -39,22 +45,53 @@ class Lowered:
   args: tuple[Leaf, ...]
   outputs: tuple[Leaf, ...]
   output_treedef: Any
+  updates: tuple[int, ...]
+  state_types: tuple[str, ...]
+  arg_types: tuple[str, ...]
+  output_types: tuple[str, ...]
   sites: tuple[OpSite, ...]
 
   def signature(self) -> str:
-    """A readable signature, e.g. ``__call__(args[0]: float32[3, 2]) -> (outputs[0]: float32[3, 5])``."""
+    """A readable signature, e.g. ``MLP.__call__(args[0]: float32[3, 2]) -> (outputs[0]: float32[3, 5])``."""
     args = ", ".join(leaf.describe() for leaf in self.args)
     outs = ", ".join(leaf.describe() for leaf in self.outputs)
     return f"{self.model_name}.{self.method}({args}) -> ({outs}) with {len(self.state.leaves)} state leaves"
 
 
-def pure_function(graphdef: nnx.GraphDef, layout: StateLayout, method: str) -> Callable:
-  """``fn(state_values, *args) -> (outputs, new_state_values)`` for one method of the model."""
+def call_with_objects(objects: Any, fn: Callable, args: tuple) -> Any:
+  """Calls ``fn`` the way exported functions are called: a dict of objects is spread positionally."""
+  if isinstance(objects, dict):
+    return fn(*objects.values(), *args)
+  return fn(objects, *args)
+
+
+def method_caller(method: str, mode: str | None = None) -> Callable:
+  """``fn(model, *args)`` calling ``model.<method>(*args)``, in ``mode`` ('train'/'eval') when given.
+
+  The mode is set on the traced copy of the model only (``nnx.merge`` builds a
+  fresh one per trace), so the user's model keeps its own mode.
+  """
+  if mode not in (None, "train", "eval"):
+    raise ValueError(f"mode must be 'train', 'eval' or None, not {mode!r}.")
+
+  def call(model, *args):
+    if mode is not None:
+      getattr(model, mode)()
+    return getattr(model, method)(*args)
+
+  return call
+
+
+def _pure_function(graphdef: nnx.GraphDef, layout: StateLayout, fn: Callable, changed: list[int]) -> Callable:
+  """``pure(state_values, *args) -> (outputs, changed_values)``; records the changed indices in ``changed``."""
 
   def pure(state_values, *args):
-    model = nnx.merge(graphdef, layout.unflatten(state_values))
-    outputs = getattr(model, method)(*args)
-    return outputs, layout.flatten(nnx.state(model))
+    objects = nnx.merge(graphdef, layout.unflatten(state_values))
+    outputs = call_with_objects(objects, fn, args)
+    new_values = layout.flatten(nnx.state(objects))
+    # A Variable the function did not assign still holds the very tracer it was given.
+    changed[:] = [i for i, (old, new) in enumerate(zip(state_values, new_values, strict=True)) if old is not new]
+    return outputs, [new_values[i] for i in changed]
 
   return pure
 
@@ -64,6 +101,71 @@ def _leaves(prefix: str, tree: Any) -> tuple[Leaf, ...]:
   return tuple(
     Leaf(f"{prefix}{jax.tree_util.keystr(path)}", tuple(x.shape), np.dtype(x.dtype).name) for path, x in with_paths
   )
+
+
+def lower_function(
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  fn: Callable,
+  args: tuple,
+  *,
+  name: str,
+  model_name: str,
+  method: str | None = None,
+) -> Lowered:
+  """Lowers ``fn(*objects, *args)`` on the objects ``graphdef`` and ``state`` describe.
+
+  Args:
+    graphdef, state: from ``nnx.split(objects)``.
+    fn: called with the merged objects (a dict is spread positionally) and ``args``.
+    args: example inputs (arrays or ``jax.ShapeDtypeStruct``), fixing shapes and dtypes.
+    name: the function's name (names the IREE module ``jit_<name>`` and its symbols).
+    model_name: the class name shown in signatures.
+    method: the method name shown in signatures (default: ``name``).
+  """
+  layout = StateLayout.of(state)
+  changed: list[int] = []
+  pure = _pure_function(graphdef, layout, fn, changed)
+  pure.__name__ = name
+  shapes = jax.eval_shape(lambda *a: a, *args)
+  traced = jax.jit(pure, keep_unused=True).lower(layout.flatten(state), *shapes)
+  module = traced.compiler_ir("stablehlo")
+  mlir, sites = clean_for_iree(module)
+  main_type = _main_function_type(module)
+  num_state, num_outputs = len(layout.leaves), len(main_type.results) - len(changed)
+  outputs, _ = traced.out_info
+  return Lowered(
+    mlir=mlir,
+    functions=embeddable_functions(module, prefix=name),
+    graphdef=graphdef,
+    model_name=model_name,
+    method=method or name,
+    state=layout,
+    args=_leaves("args", list(shapes)),
+    outputs=_leaves("outputs", outputs),
+    output_treedef=jax.tree.structure(outputs),
+    updates=tuple(changed),
+    state_types=tuple(str(t) for t in main_type.inputs[:num_state]),
+    arg_types=tuple(str(t) for t in main_type.inputs[num_state:]),
+    output_types=tuple(str(t) for t in main_type.results[:num_outputs]),
+    sites=sites,
+  )
+
+
+def _main_function_type(module) -> Any:
+  from jax.extend.mlir import ir
+
+  with module.context:
+    for op in module.body.operations:
+      if ir.StringAttr(op.attributes["sym_name"]).value == "main":
+        return ir.FunctionType(ir.TypeAttr(op.attributes["function_type"]).value)
+  raise AssertionError("JAX's lowering has no @main")
+
+
+def model_name_of(objects: Any) -> str:
+  if isinstance(objects, dict):
+    return "+".join(type(o).__name__ for o in objects.values())
+  return type(objects).__name__
 
 
 def lower(model: nnx.Module, /, *args: Any, method: str = "__call__") -> Lowered:
@@ -87,22 +189,6 @@ def lower(model: nnx.Module, /, *args: Any, method: str = "__call__") -> Lowered
     [(3, 5)]
   """
   graphdef, state = nnx.split(model)
-  layout = StateLayout.of(state)
-  pure = pure_function(graphdef, layout, method)
-  # The IREE module is named jit_<this>; "main" is its function.
-  pure.__name__ = f"{type(model).__name__}_{method.strip('_')}"
-  shapes = jax.eval_shape(lambda *a: a, *args)
-  traced = jax.jit(pure, keep_unused=True).lower(layout.flatten(state), *shapes)
-  mlir, sites = clean_for_iree(traced.compiler_ir("stablehlo"))
-  outputs, _ = traced.out_info
-  return Lowered(
-    mlir=mlir,
-    graphdef=graphdef,
-    model_name=type(model).__name__,
-    method=method,
-    state=layout,
-    args=_leaves("args", list(shapes)),
-    outputs=_leaves("outputs", outputs),
-    output_treedef=jax.tree.structure(outputs),
-    sites=sites,
-  )
+  name = f"{type(model).__name__}_{method.strip('_')}"
+  model_name = type(model).__name__
+  return lower_function(graphdef, state, method_caller(method), args, name=name, model_name=model_name, method=method)

@@ -101,13 +101,22 @@ class Executable:
     return [self._module.to_device(a) for a in arrays]
 
   def run(self, inputs: list) -> tuple[Any, list]:
-    """Invokes the module on ``(*state, *args)``; returns host outputs and the state still on the device."""
+    """Invokes the module on ``(*state, *args)``; returns host outputs and the new state.
+
+    The new state is ``inputs``' state with the leaves the function changed
+    replaced by its results, which stay on the device until read.
+    """
     results = self._module.invoke(self._function, inputs)
     num_outputs = len(self.lowered.outputs)
-    return self.outputs_from(results[:num_outputs]), results[num_outputs:]
+    new_state = inputs[: len(self.lowered.state.leaves)]
+    for index, view in zip(self.lowered.updates, results[num_outputs:], strict=True):
+      new_state[index] = view
+    return self.outputs_from(results[:num_outputs]), new_state
 
-  def _host(self, leaf: Leaf, view, dtype: np.dtype) -> jax.Array:
-    return jnp.asarray(self._module.to_host(view, dtype).astype(leaf.dtype, copy=False))
+  def _host(self, leaf: Leaf, value, dtype: np.dtype) -> jax.Array:
+    if not isinstance(value, np.ndarray):  # a device buffer view
+      value = self._module.to_host(value, dtype)
+    return jnp.asarray(value.astype(leaf.dtype, copy=False))
 
   def _arg_mismatch(self, leaf: Leaf, got: str) -> SignatureError:
     return SignatureError(

@@ -125,3 +125,19 @@ def check_target_support(sites: tuple[OpSite, ...], target: Target) -> None:
           f"{target.name!r} does not support. Convert to a type IREE supports "
           "(e.g. float8_e4m3fn or bfloat16) before this op."
         )
+
+
+def embeddable_functions(module: ir.Module, *, prefix: str) -> str:
+  """The module's functions as text to paste into another module: private, renamed ``<prefix>.<name>``.
+
+  Renaming keeps the helpers of several JAX modules (each has ``@main``, and often
+  ``@relu`` or ``@_where``) apart once they share one module. ``module`` is modified in place.
+  """
+  with module.context:
+    functions = list(module.body.operations)
+    for op in functions:
+      name = ir.StringAttr(op.attributes["sym_name"]).value
+      ir.SymbolTable.replace_all_symbol_uses(name, f"{prefix}.{name}", module.operation)
+      ir.SymbolTable.set_symbol_name(op, f"{prefix}.{name}")
+      ir.SymbolTable.set_visibility(op, "private")
+    return "\n".join(op.get_asm(enable_debug_info=False) for op in functions)
