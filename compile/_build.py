@@ -2,6 +2,7 @@
 
 import dataclasses
 import pathlib
+import re
 import tempfile
 import time
 
@@ -59,13 +60,11 @@ def _write_all(folder: pathlib.Path, files: dict[str, bytes]) -> None:
       (folder / file_name).write_bytes(data)
 
 
-def _dispatch_name(path: pathlib.Path) -> str:
-  # jit_MLP_call_main_dispatch_3_metal_msl_fb0.metal -> main_dispatch_3
-  stem = path.stem
-  start = stem.find("main_dispatch_")
-  name = stem[start:] if start >= 0 else stem
-  parts = name.split("_")
-  return "_".join(parts[:3]) if name.startswith("main_dispatch_") else name
+def _dispatch_name(path: pathlib.Path, module_name: str) -> str:
+  # <module>_<function>_dispatch_3_metal_msl_fb0.metal -> <function>_dispatch_3
+  stem = path.stem.removeprefix(f"{module_name}_")
+  match = re.match(r"(.*?_dispatch_\d+)", stem)
+  return match.group(1) if match else stem
 
 
 def _dump_flags(dump: pathlib.Path) -> list[str]:
@@ -76,13 +75,53 @@ def _dump_flags(dump: pathlib.Path) -> list[str]:
   ]
 
 
-def _read_dumps(dump: pathlib.Path) -> tuple[int, dict[str, str], dict[str, bytes]]:
-  sources = list((dump / "sources").glob("*.mlir"))
-  msl = {_dispatch_name(p): p.read_text() for p in sorted((dump / "binaries").glob("*.metal"))}
+def _read_dumps(dump: pathlib.Path, module_name: str) -> tuple[tuple[str, ...], dict[str, str], dict[str, bytes]]:
+  dispatches = tuple(sorted(_dispatch_name(p, module_name) for p in (dump / "sources").glob("*.mlir")))
+  msl = {_dispatch_name(p, module_name): p.read_text() for p in sorted((dump / "binaries").glob("*.metal"))}
   # Metal keeps the SPIR-V it translated to MSL as an intermediate; Vulkan ships it as the binary.
   spv_files = [*(dump / "intermediates").glob("*.spv"), *(dump / "binaries").glob("*.spv")]
-  spirv = {_dispatch_name(p): p.read_bytes() for p in sorted(spv_files)}
-  return len(sources), msl, spirv
+  spirv = {_dispatch_name(p, module_name): p.read_bytes() for p in sorted(spv_files)}
+  return dispatches, msl, spirv
+
+
+@dataclasses.dataclass(frozen=True)
+class Binary:
+  """What iree-compile made of one MLIR module.
+
+  Attributes:
+    vmfb: the IREE module (VM flatbuffer).
+    flags: the full iree-compile flags used.
+    dispatches: the names of its executables (GPU kernels), ``<function>_dispatch_<n>``.
+    msl: ``{dispatch name: Metal Shading Language source}``, for ``metal``.
+    spirv: ``{dispatch name: SPIR-V binary}``, for the SPIR-V targets.
+    compile_seconds: wall time of iree-compile.
+  """
+
+  vmfb: bytes
+  flags: tuple[str, ...]
+  dispatches: tuple[str, ...]
+  msl: dict[str, str]
+  spirv: dict[str, bytes]
+  compile_seconds: float
+
+
+def compile_module(mlir: str, module_name: str, target: Target, extra_flags: tuple[str, ...] = ()) -> Binary:
+  """Runs iree-compile on ``mlir`` (StableHLO, possibly with util globals) for ``target``.
+
+  Raises:
+    CompileError: iree-compile failed; carries target, flags and diagnostics.
+  """
+  flags = (*target.flags, *extra_flags)
+  with tempfile.TemporaryDirectory(prefix="nnx-metal-") as tmp:
+    dump = pathlib.Path(tmp)
+    start = time.perf_counter()
+    try:
+      vmfb = ireec.compile_str(mlir, input_type="stablehlo", extra_args=[*flags, *_dump_flags(dump)])
+    except ireec.CompilerToolError as e:
+      raise CompileError(target.name, list(flags), str(e)) from None
+    seconds = time.perf_counter() - start
+    dispatches, msl, spirv = _read_dumps(dump, module_name)
+  return Binary(vmfb, flags, dispatches, msl, spirv, seconds)
 
 
 def build(
@@ -108,14 +147,14 @@ def build(
   """
   target = get_target(target, metal_platform=metal_platform, cuda_arch=cuda_arch)
   check_target_support(lowered.sites, target)
-  flags = [*target.flags, *extra_flags]
-  with tempfile.TemporaryDirectory(prefix="nnx-metal-") as tmp:
-    dump = pathlib.Path(tmp)
-    start = time.perf_counter()
-    try:
-      vmfb = ireec.compile_str(lowered.mlir, input_type="stablehlo", extra_args=[*flags, *_dump_flags(dump)])
-    except ireec.CompilerToolError as e:
-      raise CompileError(target.name, flags, str(e)) from None
-    seconds = time.perf_counter() - start
-    dispatch_count, msl, spirv = _read_dumps(dump)
-  return Compiled(lowered, target, tuple(flags), vmfb, dispatch_count, msl, spirv, seconds)
+  binary = compile_module(lowered.mlir, f"jit_{lowered.name}", target, extra_flags)
+  return Compiled(
+    lowered,
+    target,
+    binary.flags,
+    binary.vmfb,
+    len(binary.dispatches),
+    binary.msl,
+    binary.spirv,
+    binary.compile_seconds,
+  )

@@ -74,20 +74,29 @@ class StateLayout:
     flat = nnx.to_flat_state(state)
     return cls(tuple(_leaf_of(p, v) for p, v in flat), jax.tree.structure(state))
 
-  def flatten(self, state: nnx.State) -> list[Any]:
-    """The State's values in boundary order, keys as key_data. Works under tracing."""
+  def values(self, state: nnx.State) -> list[Any]:
+    """The State's values in boundary order, keys still typed. Works under tracing."""
     values, treedef = jax.tree.flatten(state)  # one walk of the pytree, also on the hot path
     if treedef != self.treedef:
       self.check(state)  # raises naming the first path that differs
+    return values
+
+  def keys_to_data(self, values: list[Any]) -> list[Any]:
     return [jax.random.key_data(v) if leaf.key_impl else v for leaf, v in zip(self.leaves, values, strict=True)]
 
-  def unflatten(self, values: list[Any]) -> nnx.State:
-    """The State holding ``values`` (boundary order); key_data is wrapped back into keys."""
-    values = [
+  def data_to_keys(self, values: list[Any]) -> list[Any]:
+    return [
       jax.random.wrap_key_data(v, impl=leaf.key_impl) if leaf.key_impl else v
       for leaf, v in zip(self.leaves, values, strict=True)
     ]
-    return jax.tree.unflatten(self.treedef, values)
+
+  def flatten(self, state: nnx.State) -> list[Any]:
+    """The State's values in boundary order, keys as key_data. Works under tracing."""
+    return self.keys_to_data(self.values(state))
+
+  def unflatten(self, values: list[Any]) -> nnx.State:
+    """The State holding ``values`` (boundary order); key_data is wrapped back into keys."""
+    return jax.tree.unflatten(self.treedef, self.data_to_keys(values))
 
   def check(self, state: nnx.State) -> None:
     """Raises StateMismatchError naming the first path where ``state`` differs from this layout."""

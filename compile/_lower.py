@@ -21,6 +21,7 @@ class Lowered:
   indices in ``updates``); every other leaf comes out as it went in.
 
   Attributes:
+    name: the function's name; the standalone module is ``jit_<name>``.
     mlir: a standalone StableHLO module with the function as ``@main``.
     functions: the same functions, private and renamed ``<name>.<symbol>``, to
       paste into a larger module (see ``_assemble.py``).
@@ -36,6 +37,7 @@ class Lowered:
     sites: every op of the program, with its source line, for target checks.
   """
 
+  name: str
   mlir: str
   functions: str
   graphdef: nnx.GraphDef
@@ -86,12 +88,15 @@ def _pure_function(graphdef: nnx.GraphDef, layout: StateLayout, fn: Callable, ch
   """``pure(state_values, *args) -> (outputs, changed_values)``; records the changed indices in ``changed``."""
 
   def pure(state_values, *args):
-    objects = nnx.merge(graphdef, layout.unflatten(state_values))
+    values = layout.data_to_keys(state_values)
+    objects = nnx.merge(graphdef, jax.tree.unflatten(layout.treedef, values))
     outputs = call_with_objects(objects, fn, args)
-    new_values = layout.flatten(nnx.state(objects))
-    # A Variable the function did not assign still holds the very tracer it was given.
-    changed[:] = [i for i, (old, new) in enumerate(zip(state_values, new_values, strict=True)) if old is not new]
-    return outputs, [new_values[i] for i in changed]
+    new_values = layout.values(nnx.state(objects))
+    # A Variable the function did not assign still holds the very value it was given.
+    changed[:] = [i for i, (old, new) in enumerate(zip(values, new_values, strict=True)) if old is not new]
+    keys = [layout.leaves[i].key_impl is not None for i in changed]
+    updated = [new_values[i] for i in changed]
+    return outputs, [jax.random.key_data(v) if key else v for v, key in zip(updated, keys, strict=True)]
 
   return pure
 
@@ -135,6 +140,7 @@ def lower_function(
   num_state, num_outputs = len(layout.leaves), len(main_type.results) - len(changed)
   outputs, _ = traced.out_info
   return Lowered(
+    name=name,
     mlir=mlir,
     functions=embeddable_functions(module, prefix=name),
     graphdef=graphdef,

@@ -1,0 +1,125 @@
+"""Assembling a program: one IREE module where the state lives in globals and each function updates them.
+
+Every state leaf becomes a mutable ``util.global`` initialized from the parameter
+archive (``#flow.parameter.named<"model"::"<name>">``), so the state is loaded once
+and stays on the device. Each exported function becomes a wrapper that loads the
+globals, calls the JAX-lowered body, stores the leaves that body changed, and
+returns only the body's outputs. ``nnx_get_state`` and ``nnx_set_state`` read and
+write every global, for moving state between the device and the host.
+"""
+
+import re
+
+from ._lower import Lowered
+
+PARAMETER_SCOPE = "model"
+GET_STATE = "nnx_get_state"
+SET_STATE = "nnx_set_state"
+RESERVED_PREFIX = "nnx_"
+
+
+def global_names(leaf_names: list[str]) -> list[str]:
+  """A unique, MLIR-safe global (and parameter key) name per state leaf, readable as the NNX path."""
+  names, seen = [], set()
+  for leaf_name in leaf_names:
+    name = re.sub(r"[^A-Za-z0-9_.$-]", "_", leaf_name)
+    while name in seen:
+      name += "_"
+    seen.add(name)
+    names.append(name)
+  return names
+
+
+def _signless(tensor_type: str) -> str:
+  # The StableHLO input conversion makes function types signless but not util ops:
+  # unsigned globals are declared signless and bitcast at each load and store.
+  return re.sub(r"([<x])ui(\d+)>$", r"\1i\2>", tensor_type)
+
+
+class _Function:
+  """Writes one wrapper function's body, numbering its SSA values."""
+
+  def __init__(self, globals_: list[str], state_types: tuple[str, ...]):
+    self.globals, self.types, self.lines, self._count = globals_, state_types, [], 0
+
+  def value(self) -> str:
+    self._count += 1
+    return f"%v{self._count}"
+
+  def load(self, index: int) -> str:
+    stored, typed = _signless(self.types[index]), self.types[index]
+    value = self.value()
+    self.lines.append(f'{value} = util.global.load @"{self.globals[index]}" : {stored}')
+    if stored != typed:
+      cast = self.value()
+      self.lines.append(f"{cast} = stablehlo.bitcast_convert {value} : ({stored}) -> {typed}")
+      value = cast
+    return value
+
+  def store(self, value: str, index: int) -> None:
+    stored, typed = _signless(self.types[index]), self.types[index]
+    if stored != typed:
+      cast = self.value()
+      self.lines.append(f"{cast} = stablehlo.bitcast_convert {value} : ({typed}) -> {stored}")
+      value = cast
+    self.lines.append(f'util.global.store {value}, @"{self.globals[index]}" : {stored}')
+
+  def text(self, name: str, args: list[str], arg_types: list[str], returns: list[str], return_types: list[str]) -> str:
+    params = ", ".join(f"{a}: {t}" for a, t in zip(args, arg_types, strict=True))
+    ret = f"return {', '.join(returns)} : {', '.join(return_types)}" if returns else "return"
+    body = "\n".join(f"    {line}" for line in [*self.lines, ret])
+    return f"  func.func @{name}({params}) -> ({', '.join(return_types)}) {{\n{body}\n  }}"
+
+
+def _call(name: str, lowered: Lowered, globals_: list[str]) -> str:
+  f = _Function(globals_, lowered.state_types)
+  state = [f.load(i) for i in range(len(globals_))]
+  args = [f"%arg{i}" for i in range(len(lowered.arg_types))]
+  num_results = len(lowered.output_types) + len(lowered.updates)
+  result_types = [*lowered.output_types, *(lowered.state_types[i] for i in lowered.updates)]
+  operand_types = ", ".join([*lowered.state_types, *lowered.arg_types])
+  call = f'func.call @"{name}.main"({", ".join([*state, *args])}) : ({operand_types}) -> ({", ".join(result_types)})'
+  if num_results == 0:
+    f.lines.append(call)
+    results = []
+  elif num_results == 1:
+    f.lines.append(f"%r = {call}")
+    results = ["%r"]
+  else:
+    f.lines.append(f"%r:{num_results} = {call}")
+    results = [f"%r#{i}" for i in range(num_results)]
+  num_outputs = len(lowered.output_types)
+  for index, value in zip(lowered.updates, results[num_outputs:], strict=True):
+    f.store(value, index)
+  return f.text(name, args, list(lowered.arg_types), results[:num_outputs], list(lowered.output_types))
+
+
+def _state_accessors(globals_: list[str], state_types: tuple[str, ...]) -> list[str]:
+  getter = _Function(globals_, state_types)
+  values = [getter.load(i) for i in range(len(globals_))]
+  setter = _Function(globals_, state_types)
+  args = [f"%arg{i}" for i in range(len(globals_))]
+  for i, arg in enumerate(args):
+    setter.store(arg, i)
+  return [
+    getter.text(GET_STATE, [], [], values, list(state_types)),
+    setter.text(SET_STATE, args, list(state_types), [], []),
+  ]
+
+
+def assemble(module_name: str, functions: dict[str, Lowered]) -> str:
+  """The program's MLIR: globals for the state, one public function per entry of ``functions``.
+
+  All ``functions`` must be lowered from the same objects (one State layout).
+  """
+  first = next(iter(functions.values()))
+  globals_ = global_names([leaf.name for leaf in first.state.leaves])
+  lines = [f"module @{module_name} {{"]
+  for name, state_type in zip(globals_, first.state_types, strict=True):
+    parameter = f'#flow.parameter.named<"{PARAMETER_SCOPE}"::"{name}">'
+    lines.append(f'  util.global private mutable @"{name}" = {parameter} : {_signless(state_type)}')
+  lines += [_call(name, lowered, globals_) for name, lowered in functions.items()]
+  lines += _state_accessors(globals_, first.state_types)
+  lines += [lowered.functions for lowered in functions.values()]
+  lines.append("}")
+  return "\n".join(lines) + "\n"
