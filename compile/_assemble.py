@@ -10,12 +10,8 @@ write every global, for moving state between the device and the host.
 
 import re
 
+from ._artifact import GET_STATE, PARAMETER_SCOPE, SET_STATE
 from ._lower import Lowered
-
-PARAMETER_SCOPE = "model"
-GET_STATE = "nnx_get_state"
-SET_STATE = "nnx_set_state"
-RESERVED_PREFIX = "nnx_"
 
 
 def global_names(leaf_names: list[str]) -> list[str]:

@@ -105,13 +105,27 @@ class Binary:
   compile_seconds: float
 
 
+# iree-org/iree#24753 (open, since IREE 3.12): a memoized (reusable) command buffer
+# recorded around a stablehlo.while fails at run time with "indirect buffer reference
+# slot 0 is out range of the declared binding capacity". JAX emits while loops for
+# fori_loop/scan and inside its threefry PRNG (Dropout). Such modules record their
+# command buffers per call instead; loop-free modules keep memoization.
+_WHILE_LOOP_FLAGS = ("--iree-hal-memoization=false",)
+
+
+def module_flags(mlir: str, target: Target, extra_flags: tuple[str, ...] = ()) -> tuple[str, ...]:
+  """Every iree-compile flag ``compile_module`` uses for ``mlir`` on ``target``."""
+  workarounds = _WHILE_LOOP_FLAGS if "stablehlo.while" in mlir else ()
+  return (*target.flags, *workarounds, *extra_flags)
+
+
 def compile_module(mlir: str, module_name: str, target: Target, extra_flags: tuple[str, ...] = ()) -> Binary:
   """Runs iree-compile on ``mlir`` (StableHLO, possibly with util globals) for ``target``.
 
   Raises:
     CompileError: iree-compile failed; carries target, flags and diagnostics.
   """
-  flags = (*target.flags, *extra_flags)
+  flags = module_flags(mlir, target, extra_flags)
   with tempfile.TemporaryDirectory(prefix="nnx-metal-") as tmp:
     dump = pathlib.Path(tmp)
     start = time.perf_counter()

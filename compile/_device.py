@@ -32,12 +32,15 @@ def open_device(driver: str) -> rt.HalDevice:
 
 
 class DeviceModule:
-  """One IREE module (a ``.vmfb``, optionally with parameter modules) loaded on a device."""
+  """One IREE module (a ``.vmfb``, with its parameter archives) loaded on a device."""
 
-  def __init__(self, vmfb: bytes, device: rt.HalDevice, *, extra_modules: tuple = ()):
+  def __init__(self, vmfb: bytes, device: rt.HalDevice, *, parameters: dict[str, rt.ParameterIndex] | None = None):
+    """Loads ``vmfb`` on ``device``; ``parameters`` maps a parameter scope to its archive's index."""
     self.device = device
     self._context = rt.SystemContext(config=rt.Config(device=device))
-    self._context.add_vm_modules(list(extra_modules))
+    providers = [index.create_provider(scope=scope) for scope, index in (parameters or {}).items()]
+    if providers:
+      self._context.add_vm_module(rt.create_io_parameters_module(self._context.instance, *providers))
     self.vm_module = rt.VmModule.copy_buffer(self._context.instance, vmfb)
     self._context.add_vm_module(self.vm_module)
 

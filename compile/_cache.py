@@ -1,0 +1,117 @@
+"""A content-addressed cache of iree-compile results: the same program, target, flags and versions compile once.
+
+The key is the sha256 of the assembled MLIR (which holds the GraphDef's structure,
+every shape and dtype, and the traced code), the target, the full flags and the
+versions of jax, flax, iree-base-compiler and nnx-metal. Entries are written to a
+temporary directory and renamed into place, so two processes exporting the same
+model at once each see either no entry or a complete one; a corrupt entry is
+detected by its hashes and compiled again.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+from ._artifact import package_version, sha256
+from ._build import Binary, compile_module, module_flags
+from ._targets import Target
+
+ENTRY_FORMAT = 1
+
+
+def default_directory() -> pathlib.Path:
+  """``$NNX_METAL_CACHE``, else ``~/.cache/nnx-metal``."""
+  return pathlib.Path(os.environ.get("NNX_METAL_CACHE") or pathlib.Path.home() / ".cache" / "nnx-metal")
+
+
+def _files_of(binary: Binary) -> dict[str, bytes]:
+  files = {"module.vmfb": binary.vmfb}
+  files |= {f"msl/{name}.metal": source.encode() for name, source in binary.msl.items()}
+  files |= {f"spirv/{name}.spv": data for name, data in binary.spirv.items()}
+  return files
+
+
+class CompileCache:
+  """iree-compile results on disk, one directory per key."""
+
+  def __init__(self, directory: str | os.PathLike | None = None):
+    self.directory = pathlib.Path(directory) if directory is not None else default_directory()
+
+  def key(self, mlir: str, target: Target, flags: tuple[str, ...]) -> str:
+    versions = {name: package_version(name) for name in ("jax", "flax", "iree-base-compiler", "nnx-metal")}
+    identity = {"entry": ENTRY_FORMAT, "mlir": sha256(mlir.encode()), "target": target.name, "flags": list(flags)}
+    return sha256(json.dumps({**identity, "versions": versions}, sort_keys=True).encode())
+
+  def _path(self, key: str) -> pathlib.Path:
+    return self.directory / key[:2] / key
+
+  def get(self, key: str) -> Binary | None:
+    """The cached Binary, or None if absent or corrupt."""
+    path = self._path(key)
+    try:
+      meta = json.loads((path / "binary.json").read_text())
+      files = {relative: (path / relative).read_bytes() for relative in meta["files"]}
+    except (OSError, ValueError, KeyError):
+      return None
+    if any(sha256(data) != meta["files"][relative] for relative, data in files.items()):
+      return None
+    return Binary(
+      vmfb=files["module.vmfb"],
+      flags=tuple(meta["flags"]),
+      dispatches=tuple(meta["dispatches"]),
+      msl={name: files[f"msl/{name}.metal"].decode() for name in meta["msl"]},
+      spirv={name: files[f"spirv/{name}.spv"] for name in meta["spirv"]},
+      compile_seconds=meta["compile_seconds"],
+    )
+
+  def put(self, key: str, binary: Binary) -> None:
+    path = self._path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=path.parent))
+    try:
+      files = _files_of(binary)
+      for relative, data in files.items():
+        (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / relative).write_bytes(data)
+      meta = {
+        **{k: v for k, v in dataclasses.asdict(binary).items() if k in ("flags", "dispatches", "compile_seconds")},
+        "msl": sorted(binary.msl),
+        "spirv": sorted(binary.spirv),
+        "files": {relative: sha256(data) for relative, data in files.items()},
+      }
+      (tmp / "binary.json").write_text(json.dumps(meta, indent=1))
+      if path.exists() and self.get(key) is None:
+        _remove(path)  # a corrupt entry, replaced below
+      try:
+        os.rename(tmp, path)
+      except OSError:
+        pass  # another process stored this key first; same key, same content
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: pathlib.Path) -> None:
+  aside = path.with_name(f".{path.name}.corrupt-{os.getpid()}")
+  try:
+    os.rename(path, aside)
+  except OSError:
+    return  # another process moved it first
+  shutil.rmtree(aside, ignore_errors=True)
+
+
+def compile_cached(
+  mlir: str, module_name: str, target: Target, extra_flags: tuple[str, ...], cache: CompileCache | None
+) -> tuple[Binary, bool]:
+  """``compile_module`` through ``cache`` (None: no cache). Returns the Binary and whether it was a hit."""
+  if cache is None:
+    return compile_module(mlir, module_name, target, extra_flags), False
+  key = cache.key(mlir, target, module_flags(mlir, target, extra_flags))
+  binary = cache.get(key)
+  if binary is not None:
+    return binary, True
+  binary = compile_module(mlir, module_name, target, extra_flags)
+  cache.put(key, binary)
+  return binary, False
