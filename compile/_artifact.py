@@ -61,7 +61,7 @@ def params_index(arrays: dict[str, np.ndarray]) -> rt.ParameterIndex:
 
 def index_arrays(index: rt.ParameterIndex) -> dict[str, np.ndarray]:
   """The arrays of a parameter index, copied out of the (possibly memory-mapped) archive."""
-  return {entry.key: np.array(rt.parameter_index_entry_as_numpy_ndarray(entry)) for entry in index.items()}
+  return {key: np.array(rt.parameter_index_entry_as_numpy_ndarray(entry)) for key, entry in index.items()}
 
 
 class Artifact:

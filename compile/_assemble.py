@@ -32,6 +32,13 @@ def _signless(tensor_type: str) -> str:
   return re.sub(r"([<x])ui(\d+)>$", r"\1i\2>", tensor_type)
 
 
+def _zero_literal(tensor_type: str) -> str:
+  element = re.search(r"[<x]([a-z]\w*)>$", tensor_type).group(1)
+  if element == "i1":
+    return "false"
+  return "0.0" if element.startswith(("f", "bf")) else "0"
+
+
 class _Function:
   """Writes one wrapper function's body, numbering its SSA values."""
 
@@ -42,22 +49,47 @@ class _Function:
     self._count += 1
     return f"%v{self._count}"
 
-  def load(self, index: int) -> str:
+  def flag_is_set(self) -> str:
+    """``%flag != 0`` for the function's ``%flag: tensor<i32>`` argument (callers pass 1)."""
+    zero, true = self.value(), self.value()
+    self.lines.append(f"{zero} = stablehlo.constant dense<0> : tensor<i32>")
+    self.lines.append(f"{true} = stablehlo.compare NE, %flag, {zero} : (tensor<i32>, tensor<i32>) -> tensor<i1>")
+    return true
+
+  def fresh(self, value: str, stored: str, true: str) -> str:
+    """``value`` written by a dispatch into a buffer of its own.
+
+    A select on a predicate known only at run time cannot be folded away. Without
+    it, nnx_get_state hands out views into IREE's packed global storage and
+    nnx_set_state stores the caller's buffers, and on Vulkan (lavapipe) both went
+    wrong: reads came back from the wrong offsets, and dispatches read NaNs from
+    globals set that way. Values written by dispatches, as after a train step, work.
+    """
+    zero, fresh = self.value(), self.value()
+    self.lines.append(f"{zero} = stablehlo.constant dense<{_zero_literal(stored)}> : {stored}")
+    self.lines.append(f"{fresh} = stablehlo.select {true}, {value}, {zero} : tensor<i1>, {stored}")
+    return fresh
+
+  def load(self, index: int, *, fresh_if: str | None = None) -> str:
     stored, typed = _signless(self.types[index]), self.types[index]
     value = self.value()
     self.lines.append(f'{value} = util.global.load @"{self.globals[index]}" : {stored}')
+    if fresh_if is not None:
+      value = self.fresh(value, stored, fresh_if)
     if stored != typed:
       cast = self.value()
       self.lines.append(f"{cast} = stablehlo.bitcast_convert {value} : ({stored}) -> {typed}")
       value = cast
     return value
 
-  def store(self, value: str, index: int) -> None:
+  def store(self, value: str, index: int, *, fresh_if: str | None = None) -> None:
     stored, typed = _signless(self.types[index]), self.types[index]
     if stored != typed:
       cast = self.value()
       self.lines.append(f"{cast} = stablehlo.bitcast_convert {value} : ({typed}) -> {stored}")
       value = cast
+    if fresh_if is not None:
+      value = self.fresh(value, stored, fresh_if)
     self.lines.append(f'util.global.store {value}, @"{self.globals[index]}" : {stored}')
 
   def text(self, name: str, args: list[str], arg_types: list[str], returns: list[str], return_types: list[str]) -> str:
@@ -91,15 +123,18 @@ def _call(name: str, lowered: Lowered, globals_: list[str]) -> str:
 
 
 def _state_accessors(globals_: list[str], state_types: tuple[str, ...]) -> list[str]:
+  """``nnx_get_state(%flag)`` returns every global; ``nnx_set_state(%flag, *values)`` replaces them all."""
   getter = _Function(globals_, state_types)
-  values = [getter.load(i) for i in range(len(globals_))]
+  true = getter.flag_is_set()
+  values = [getter.load(i, fresh_if=true) for i in range(len(globals_))]
   setter = _Function(globals_, state_types)
+  true = setter.flag_is_set()
   args = [f"%arg{i}" for i in range(len(globals_))]
   for i, arg in enumerate(args):
-    setter.store(arg, i)
+    setter.store(arg, i, fresh_if=true)
   return [
-    getter.text(GET_STATE, [], [], values, list(state_types)),
-    setter.text(SET_STATE, args, list(state_types), [], []),
+    getter.text(GET_STATE, ["%flag"], ["tensor<i32>"], values, list(state_types)),
+    setter.text(SET_STATE, ["%flag", *args], ["tensor<i32>", *state_types], [], []),
   ]
 
 

@@ -105,12 +105,18 @@ class Binary:
   compile_seconds: float
 
 
-# iree-org/iree#24753 (open, since IREE 3.12): a memoized (reusable) command buffer
-# recorded around a stablehlo.while fails at run time with "indirect buffer reference
-# slot 0 is out range of the declared binding capacity". JAX emits while loops for
-# fori_loop/scan and inside its threefry PRNG (Dropout). Such modules record their
-# command buffers per call instead; loop-free modules keep memoization.
-_WHILE_LOOP_FLAGS = ("--iree-hal-memoization=false",)
+# iree-org/iree#24753 (open, since IREE 3.12): modules with a stablehlo.while fail at
+# run time with "indirect buffer reference slot 0 is out range of the declared binding
+# capacity", from command buffers recorded with indirect bindings: memoized ones (per
+# call) and those of constant expressions hoisted into initializers (at load). Turning
+# off only one or two of the three features below left other programs failing. JAX
+# emits while loops for fori_loop/scan and inside its threefry PRNG (Dropout), so such
+# modules turn all three off; loop-free modules keep them.
+_WHILE_LOOP_FLAGS = (
+  "--iree-hal-memoization=false",
+  "--iree-hal-indirect-command-buffers=false",
+  "--iree-opt-const-expr-hoisting=false",
+)
 
 
 def module_flags(mlir: str, target: Target, extra_flags: tuple[str, ...] = ()) -> tuple[str, ...]:

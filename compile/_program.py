@@ -22,6 +22,10 @@ def _describe(entry: dict[str, Any]) -> str:
   return f"{entry['name']}{kind}: {entry['dtype']}{entry['shape']}"
 
 
+# nnx_get_state and nnx_set_state take a flag the compiler cannot see is always 1 (see _assemble.py).
+_FLAG = np.array(1, np.int32)
+
+
 def flatten_inputs(tree: Any) -> list[Any]:
   """Flattens tuples, lists and dicts (sorted keys, as JAX does) into their leaves, without JAX."""
   if isinstance(tree, (tuple, list)):
@@ -127,7 +131,7 @@ class Program:
   # State as numpy arrays, by variable name (the NNX path joined with dots). No JAX needed.
 
   def _device_views(self) -> list:
-    return self._module.invoke(self._get_state, [])
+    return self._module.invoke(self._get_state, [_FLAG])
 
   def _device_arrays(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     views = self._device_views()
@@ -166,7 +170,7 @@ class Program:
       replacements[name] = array.astype(entry["device_dtype"], copy=False)
     views = self._device_views()
     values = [replacements.get(entry["name"], view) for entry, view in zip(self.artifact.state, views, strict=True)]
-    self._module.invoke(self._set_state, values)
+    self._module.invoke(self._set_state, [_FLAG, *values])
 
   def _unknown(self, name: str) -> StateMismatchError:
     known = ", ".join(list(self._entries)[:6])
@@ -216,7 +220,7 @@ class Program:
 
     state = source if isinstance(source, nnx.State) else nnx.state(source)
     if filter is not ...:
-      state = state.filter(filter)
+      state = nnx.filter_state(state, filter)
     arrays = {}
     for path, variable in nnx.to_flat_state(state):
       name = ".".join(str(part) for part in path)

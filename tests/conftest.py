@@ -68,3 +68,9 @@ def assert_trees_allclose(actual, expected, *, rtol: float, atol: float) -> None
       continue
     scale = float(np.max(np.abs(b), initial=0.0))
     np.testing.assert_allclose(a, b, rtol=0, atol=atol + rtol * scale, err_msg=f"{where} (max|expected| = {scale:.3g})")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_compile_cache(tmp_path_factory):
+  """Tests compile into their own cache, never the user's ~/.cache/nnx-metal."""
+  os.environ["NNX_METAL_CACHE"] = str(tmp_path_factory.mktemp("compile-cache"))
