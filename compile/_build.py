@@ -76,7 +76,8 @@ def _dump_flags(dump: pathlib.Path) -> list[str]:
 
 
 def _read_dumps(dump: pathlib.Path, module_name: str) -> tuple[tuple[str, ...], dict[str, str], dict[str, bytes]]:
-  dispatches = tuple(sorted(_dispatch_name(p, module_name) for p in (dump / "sources").glob("*.mlir")))
+  names = {_dispatch_name(p, module_name) for p in (dump / "sources").glob("*.mlir")}
+  dispatches = tuple(sorted(names, key=lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]))
   msl = {_dispatch_name(p, module_name): p.read_text() for p in sorted((dump / "binaries").glob("*.metal"))}
   # Metal keeps the SPIR-V it translated to MSL as an intermediate; Vulkan ships it as the binary.
   spv_files = [*(dump / "intermediates").glob("*.spv"), *(dump / "binaries").glob("*.spv")]

@@ -205,6 +205,7 @@ def export(
     "flags": list(binary.flags),
     "versions": {name: package_version(name) for name in ("jax", "flax", "iree-base-compiler", "nnx-metal")},
     "compile_seconds": binary.compile_seconds,
+    "dispatches": list(binary.dispatches),
     "state": state_entries,
     "functions": {
       name: {

@@ -1,0 +1,199 @@
+"""Artifacts: saved atomically, verified on load, loadable without JAX, runnable with IREE's own tools."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import compile as nnxc
+from compile import _artifact
+from nnx_models import ZOO
+from tests.conftest import assert_trees_allclose
+
+BATCH = 4
+
+
+def _mlp_artifact(target: str = "cpu", cache=True) -> nnxc.Artifact:
+  args = ZOO["mlp"].example_args(BATCH, 0)
+  functions = {mode: nnxc.method("__call__", *args, mode=mode) for mode in ("train", "eval")}
+  return nnxc.export(ZOO["mlp"].make(0), functions, target=target, cache=cache)
+
+
+@pytest.fixture
+def saved(tmp_path):
+  directory = tmp_path / "mlp"
+  program = _mlp_artifact().load()
+  program.train(*ZOO["mlp"].example_args(BATCH, 1))  # so the saved state is not the initial one
+  program.save(directory)
+  return directory, program
+
+
+def test_artifact_directory_holds_what_the_manifest_says(saved):
+  directory, program = saved
+  names = {p.name for p in directory.iterdir()}
+  assert {"manifest.json", "module.vmfb", "params.irpa", "module.mlir"} <= names
+  manifest = json.loads((directory / "manifest.json").read_text())
+  assert manifest["format_version"] == _artifact.FORMAT_VERSION
+  assert manifest["model"] == "nnx_models._mlp:MLP"
+  assert set(manifest["files"]) == {"module.vmfb", "params.irpa", "module.mlir"}
+  assert manifest["target"]["name"] == "cpu" and "--iree-hal-target-device=local" in manifest["flags"]
+  assert set(manifest["versions"]) == {"jax", "flax", "iree-base-compiler", "nnx-metal"}
+  by_name = {entry["name"]: entry for entry in manifest["state"]}
+  assert by_name["bn.mean"]["variable_type"] == "BatchStat" and by_name["bn.mean"]["shape"] == [16]
+  assert by_name["dropout.rngs.key"]["key_impl"] == "threefry2x32"
+  assert manifest["functions"]["eval"]["inputs"] == [
+    {"name": "args[0]", "shape": [4, 2], "dtype": "float32", "device_dtype": "float32"}
+  ]
+  assert manifest["functions"]["train"]["dispatch_count"] > manifest["functions"]["eval"]["dispatch_count"] >= 1
+  assert len(manifest["graphdef_fingerprint"]) == 64
+
+
+def test_saved_artifact_reloads_with_its_trained_state(saved):
+  directory, program = saved
+  reloaded = nnxc.load_program(directory)
+  assert_trees_allclose(reloaded.state(), program.state(), rtol=0, atol=0)
+  x = ZOO["mlp"].example_args(BATCH, 2)[0]
+  np.testing.assert_array_equal(reloaded.eval(x), program.eval(x))
+  model = ZOO["mlp"].make(0)
+  reloaded.update(model)
+  model.eval()
+  np.testing.assert_allclose(model(x), program.eval(x), rtol=2e-5, atol=2e-5)
+
+
+def test_metal_artifact_carries_the_msl_of_every_dispatch(tmp_path):
+  artifact = _mlp_artifact("metal")
+  artifact.save(tmp_path / "metal")
+  manifest = json.loads((tmp_path / "metal" / "manifest.json").read_text())
+  msl = sorted(p.name for p in (tmp_path / "metal" / "msl").iterdir())
+  assert msl == sorted(f"{name}.metal" for name in manifest["dispatches"])
+  for function in manifest["functions"].values():
+    assert set(function["dispatches"]) <= set(manifest["dispatches"])
+  assert all(f"msl/{name}" in manifest["files"] for name in msl)
+  assert "kernel void" in (tmp_path / "metal" / "msl" / msl[0]).read_text()
+
+
+def test_loading_needs_neither_jax_nor_flax(saved, tmp_path):
+  directory, program = saved
+  x = np.asarray(ZOO["mlp"].example_args(BATCH, 3)[0])
+  np.save(tmp_path / "x.npy", x)
+  script = textwrap.dedent(
+    f"""
+    import sys
+    sys.modules["jax"] = sys.modules["flax"] = None  # importing either now fails
+    import numpy as np
+    import compile
+    program = compile.load_program({str(directory)!r})
+    np.save({str(tmp_path / "y.npy")!r}, program.eval(np.load({str(tmp_path / "x.npy")!r})))
+    count = program.arrays(["dropout.rngs.count"])["dropout.rngs.count"]
+    assert count.dtype == np.uint32 and int(count) == 1, count
+    try:
+      import jax
+    except ImportError:
+      print("no jax")
+    """
+  )
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=os.getcwd())
+  assert result.returncode == 0, result.stderr
+  assert "no jax" in result.stdout
+  np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), program.eval(x))
+
+
+def test_iree_run_module_runs_the_artifact_with_its_parameter_archive(saved, tmp_path):
+  directory, program = saved
+  tool = shutil.which("iree-run-module")
+  assert tool, "iree-run-module comes with iree-base-runtime"
+  x = np.asarray(ZOO["mlp"].example_args(BATCH, 4)[0])
+  np.save(tmp_path / "x.npy", x)
+  command = [
+    tool,
+    "--device=local-sync",
+    f"--module={directory / 'module.vmfb'}",
+    f"--parameters=model={directory / 'params.irpa'}",
+    "--function=eval",
+    f"--input=@{tmp_path / 'x.npy'}",
+    f"--output=@{tmp_path / 'y.npy'}",
+  ]
+  result = subprocess.run(command, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), program.eval(x))
+
+
+def _flip_a_byte(path):
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+  "damage, message",
+  [
+    (lambda d: _flip_a_byte(d / "params.irpa"), r"params\.irpa is corrupt or truncated"),
+    (lambda d: (d / "module.vmfb").write_bytes((d / "module.vmfb").read_bytes()[:100]), r"module\.vmfb is corrupt"),
+    (lambda d: (d / "module.mlir").unlink(), r"module\.mlir is missing"),
+    (lambda d: (d / "manifest.json").unlink(), "has no manifest.json"),
+    (lambda d: (d / "manifest.json").write_text("{"), "not valid JSON"),
+  ],
+)
+def test_damaged_artifacts_are_refused(saved, damage, message):
+  directory, _ = saved
+  damage(directory)
+  with pytest.raises(nnxc.ArtifactError, match=message):
+    nnxc.load_program(directory)
+
+
+def _edit_manifest(directory, edit):
+  manifest = json.loads((directory / "manifest.json").read_text())
+  edit(manifest)
+  (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_mismatched_artifacts_are_refused(saved):
+  directory, _ = saved
+  _edit_manifest(directory, lambda m: m["versions"].update({"iree-base-compiler": "2.9.0"}))
+  with pytest.raises(nnxc.ArtifactError, match=r"compiled by iree-base-compiler 2\.9\.0.*iree-base-runtime==2\.9\.0"):
+    nnxc.load_program(directory)
+  _edit_manifest(directory, lambda m: m.update({"format_version": 99}))
+  with pytest.raises(nnxc.ArtifactError, match="format version 99"):
+    nnxc.load_program(directory)
+
+
+def test_a_params_archive_from_another_export_is_refused(saved, tmp_path):
+  directory, _ = saved
+  other = tmp_path / "linear"
+  args = ZOO["linear"].example_args(BATCH, 0)
+  nnxc.export(ZOO["linear"].make(0), {"f": nnxc.method("__call__", *args)}).save(other)
+  shutil.copy(other / "params.irpa", directory / "params.irpa")
+  _edit_manifest(
+    directory, lambda m: m["files"].update({"params.irpa": _artifact.sha256((other / "params.irpa").read_bytes())})
+  )
+  with pytest.raises(nnxc.ArtifactError, match="belongs to another export"):
+    nnxc.load_program(directory)
+
+
+def test_an_interrupted_save_leaves_the_previous_artifact_whole(saved, monkeypatch):
+  directory, program = saved
+  before = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+  def fail(*args, **kwargs):
+    raise KeyboardInterrupt  # the user pressed ^C half-way through writing
+
+  monkeypatch.setattr(_artifact, "params_index", fail)
+  with pytest.raises(KeyboardInterrupt):
+    program.save(directory)
+  after = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+  assert after == before
+  assert [p.name for p in directory.parent.iterdir() if p.name.startswith(".")] == []
+  nnxc.load_program(directory)
+
+
+def test_the_state_of_a_loaded_artifact_merges_into_a_fresh_model(saved):
+  directory, program = saved
+  model = ZOO["mlp"].make(0)
+  nnx.update(model, nnxc.load_program(directory).state(nnx.BatchStat))
+  assert_trees_allclose(nnx.state(model, nnx.BatchStat), program.state(nnx.BatchStat), rtol=0, atol=0)

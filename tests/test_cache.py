@@ -1,0 +1,63 @@
+"""The compile cache: unchanged programs skip iree-compile; corrupt entries and concurrent writers are safe."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+import compile as nnxc
+from nnx_models import ZOO
+
+BATCH = 4
+
+
+def _export(cache, seed: int = 0, batch: int = BATCH) -> nnxc.Artifact:
+  args = ZOO["mlp"].example_args(batch, 0)
+  return nnxc.export(ZOO["mlp"].make(seed), {"eval": nnxc.method("__call__", *args, mode="eval")}, cache=cache)
+
+
+def test_an_unchanged_program_is_not_compiled_again(tmp_path):
+  first, second = _export(tmp_path), _export(tmp_path)
+  assert (first.from_cache, second.from_cache) == (False, True)
+  assert first.vmfb == second.vmfb
+  x = ZOO["mlp"].example_args(BATCH, 1)[0]
+  np.testing.assert_array_equal(second.load().eval(x), first.load().eval(x))
+
+
+def test_other_weights_hit_the_cache_other_shapes_do_not(tmp_path):
+  _export(tmp_path)
+  other_weights = _export(tmp_path, seed=1)
+  assert other_weights.from_cache  # weights live in params.irpa, not in the module
+  assert not np.array_equal(other_weights.params["linear1.w"], _export(tmp_path).params["linear1.w"])
+  assert not _export(tmp_path, batch=8).from_cache
+
+
+def test_a_corrupt_entry_is_compiled_again(tmp_path):
+  _export(tmp_path)
+  (vmfb,) = tmp_path.glob("*/*/module.vmfb")
+  vmfb.write_bytes(b"garbage")
+  again = _export(tmp_path)
+  assert not again.from_cache
+  x = ZOO["mlp"].example_args(BATCH, 1)[0]
+  again.load().eval(x)
+  assert _export(tmp_path).from_cache
+
+
+def test_two_processes_exporting_at_once_leave_one_good_entry(tmp_path):
+  script = textwrap.dedent(
+    f"""
+    import compile as nnxc
+    from nnx_models import ZOO
+    args = ZOO["mlp"].example_args({BATCH}, 0)
+    artifact = nnxc.export(ZOO["mlp"].make(0), {{"eval": nnxc.method("__call__", *args, mode="eval")}},
+                           cache={str(tmp_path)!r})
+    artifact.load().eval(*args)
+    """
+  )
+  processes = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  for process in processes:
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+  assert len(list(tmp_path.glob("*/*/binary.json"))) == 1
+  assert [p for p in tmp_path.glob("*/.*")] == []  # no temporary directories left behind
+  assert _export(tmp_path).from_cache
