@@ -51,3 +51,10 @@ def lint(session: nox.Session) -> None:
   session.install("ruff")
   session.run("ruff", "check", ".")
   session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+  """Benchmarks programs against jax.jit and nnx.jit; writes build/bench/bench.{json,md}."""
+  session.install("-e", ".")
+  session.run("python", "-m", "compile.bench", "--out", "build/bench", *session.posargs)

@@ -3,6 +3,8 @@
 Imports only iree.runtime and numpy, so the deployment path needs no JAX.
 """
 
+import functools
+
 import numpy as np
 from iree import runtime as rt
 from iree.runtime.array_interop import map_dtype_to_element_type
@@ -12,6 +14,8 @@ from ._errors import DeviceUnavailableError
 # Host-visible memory the device can write into: where results are staged for reading.
 _STAGING_MEMORY = int(rt.MemoryType.HOST_LOCAL | rt.MemoryType.DEVICE_VISIBLE)
 _STAGING_USAGE = int(rt.BufferUsage.TRANSFER_TARGET | rt.BufferUsage.MAPPING_SCOPED)
+_DEVICE_MEMORY = int(rt.MemoryType.DEVICE_LOCAL)
+_DEVICE_USAGE = int(rt.BufferUsage.DEFAULT)
 _MAPPABLE_MEMORY = int(rt.MemoryType.HOST_VISIBLE)
 _MAPPABLE_USAGE = int(rt.BufferUsage.MAPPING_SCOPED)
 
@@ -29,6 +33,11 @@ def open_device(driver: str) -> rt.HalDevice:
     return rt.get_device(driver, cache=True)
   except (RuntimeError, ValueError) as e:
     raise DeviceUnavailableError(f"The IREE runtime driver {driver!r} is installed but found no device: {e}") from e
+
+
+@functools.cache
+def _element_type(dtype: np.dtype) -> int:
+  return map_dtype_to_element_type(dtype)  # cached: it is a chain of issubdtype checks, on every call
 
 
 class DeviceModule:
@@ -57,11 +66,11 @@ class DeviceModule:
   def to_device(self, array: np.ndarray) -> rt.HalBufferView:
     array = np.asarray(array, order="C")  # not ascontiguousarray: it turns scalars 1-d
     return self.device.allocator.allocate_buffer_copy(
-      memory_type=int(rt.MemoryType.DEVICE_LOCAL),
-      allowed_usage=int(rt.BufferUsage.DEFAULT),
+      memory_type=_DEVICE_MEMORY,
+      allowed_usage=_DEVICE_USAGE,
       device=self.device,
       buffer=array,
-      element_type=map_dtype_to_element_type(array.dtype),
+      element_type=_element_type(array.dtype),
     )
 
   def invoke(self, function: rt.VmFunction, inputs: list) -> list[rt.HalBufferView]:

@@ -56,8 +56,11 @@ class ProgramFunction:
   def __init__(self, module: DeviceModule, name: str, spec: dict[str, Any]):
     self.name, self.spec, self._module = name, spec, module
     self._function = module.function(name)
-    self._input_dtypes = [np.dtype(leaf["device_dtype"]) for leaf in spec["inputs"]]
-    self._output_dtypes = [np.dtype(leaf["device_dtype"]) for leaf in spec["outputs"]]
+    # Precomputed for the per-call checks: a call should cost little more than the raw invoke.
+    self._inputs = [
+      (tuple(leaf["shape"]), np.dtype(leaf["dtype"]), np.dtype(leaf["device_dtype"])) for leaf in spec["inputs"]
+    ]
+    self._outputs = [(np.dtype(leaf["device_dtype"]), np.dtype(leaf["dtype"])) for leaf in spec["outputs"]]
 
   def signature(self) -> str:
     inputs = ", ".join(_describe(leaf) for leaf in self.spec["inputs"])
@@ -66,19 +69,21 @@ class ProgramFunction:
 
   def device_inputs(self, args: tuple) -> list[np.ndarray]:
     """The inputs as arrays in device dtypes, checked against the signature."""
-    flat, expected = flatten_inputs(args), self.spec["inputs"]
-    if len(flat) != len(expected):
-      raise SignatureError(f"{self.name} takes {len(expected)} input arrays, got {len(flat)}: {self.signature()}.")
+    # Plain arrays (the common case) skip the container walk.
+    flat = list(args) if all(type(a) is np.ndarray for a in args) else flatten_inputs(args)
+    if len(flat) != len(self._inputs):
+      raise SignatureError(f"{self.name} takes {len(self._inputs)} input arrays, got {len(flat)}: {self.signature()}.")
     arrays = []
-    for leaf, value, dtype in zip(expected, flat, self._input_dtypes, strict=True):
+    for index, (value, (shape, dtype, device_dtype)) in enumerate(zip(flat, self._inputs, strict=True)):
       array = np.asarray(value)
-      if array.shape != tuple(leaf["shape"]) or array.dtype.name != leaf["dtype"]:
+      if array.shape != shape or array.dtype != dtype:
+        leaf = self.spec["inputs"][index]
         raise SignatureError(
           f"{self.name} input {leaf['name']}: expected {leaf['dtype']}{leaf['shape']}, got "
           f"{array.dtype.name}{list(array.shape)}. The exported signature is {self.signature()}; "
           "pass matching inputs or export again with these shapes."
         )
-      arrays.append(array.astype(dtype, copy=False))
+      arrays.append(array if device_dtype == dtype else array.astype(device_dtype))
     return arrays
 
   def invoke(self, inputs: list) -> list:
@@ -88,8 +93,8 @@ class ProgramFunction:
   def __call__(self, *args: Any) -> Any:
     views = self.invoke(self.device_inputs(args))
     leaves = [
-      self._module.to_host(view, dtype).astype(leaf["dtype"], copy=False)
-      for view, dtype, leaf in zip(views, self._output_dtypes, self.spec["outputs"], strict=True)
+      self._module.to_host(view, device_dtype).astype(dtype, copy=False)
+      for view, (device_dtype, dtype) in zip(views, self._outputs, strict=True)
     ]
     return unflatten_outputs(self.spec["structure"], leaves)
 
@@ -115,6 +120,9 @@ class Program:
     parameters = {PARAMETER_SCOPE: params_index(artifact.params)}
     self._module = DeviceModule(artifact.vmfb, open_device(driver), parameters=parameters)
     self.functions = {name: ProgramFunction(self._module, name, spec) for name, spec in artifact.functions.items()}
+    for name, program_function in self.functions.items():
+      if not hasattr(type(self), name):  # a function named like a method stays reachable as program.functions[name]
+        setattr(self, name, program_function)
     self._entries = {entry["name"]: entry for entry in artifact.state}
     self._get_state = self._module.function(GET_STATE)
     self._set_state = self._module.function(SET_STATE)
