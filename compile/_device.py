@@ -46,6 +46,7 @@ class DeviceModule:
   def __init__(self, vmfb: bytes, device: rt.HalDevice, *, parameters: dict[str, rt.ParameterIndex] | None = None):
     """Loads ``vmfb`` on ``device``; ``parameters`` maps a parameter scope to its archive's index."""
     self.device = device
+    self._mappable: bool | None = None
     self._context = rt.SystemContext(config=rt.Config(device=device))
     providers = [index.create_provider(scope=scope) for scope, index in (parameters or {}).items()]
     if providers:
@@ -89,10 +90,13 @@ class DeviceModule:
     a host staging buffer: Vulkan's host-pointer import, which ``DeviceArray.to_host``
     tries, needs 4096-aligned memory and fails on Mesa's lavapipe.
     """
-    buffer = view.get_buffer()
     shape = tuple(view.shape)
-    if buffer.memory_type() & _MAPPABLE_MEMORY and buffer.allowed_usage() & _MAPPABLE_USAGE:
+    if self._mappable is None:  # one device's results are all mappable or all not: check once
+      buffer = view.get_buffer()
+      self._mappable = bool(buffer.memory_type() & _MAPPABLE_MEMORY and buffer.allowed_usage() & _MAPPABLE_USAGE)
+    if self._mappable:
       return np.array(view.map().asarray(shape, dtype), copy=True)
+    buffer = view.get_buffer()
     staging = self.device.allocator.allocate_buffer(
       memory_type=_STAGING_MEMORY, allowed_usage=_STAGING_USAGE, allocation_size=buffer.byte_length()
     )

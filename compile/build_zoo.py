@@ -1,9 +1,10 @@
 """The `nox -s metal` job: compile every zoo model for a target into build/<target>/<model>/.
 
 Run as ``python -m compile.build_zoo --target metal --out build/metal``. Each model
-is built in train and eval mode (``call_train``/``call_eval``). Where the target's
-device exists (a Mac for ``metal``), each build is also run and checked against
-eager NNX.
+is built in train and eval mode (``call_train``/``call_eval``), and exported as a
+program artifact (``program/``: both modes sharing one device-resident state, with
+``params.irpa`` and ``manifest.json``). Where the target's device exists (a Mac for
+``metal``), each build is also run and checked against eager NNX.
 """
 
 import argparse
@@ -18,6 +19,7 @@ from nnx_models import ZOO, ZooEntry
 
 from ._build import Compiled, build
 from ._errors import DeviceUnavailableError
+from ._export import export, method
 from ._lower import lower
 from ._run import load
 
@@ -54,6 +56,15 @@ def _comparable(x):
   return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
 
 
+def _export_program(entry: ZooEntry, target: str, out: pathlib.Path) -> None:
+  args = entry.example_args(BATCH, 0)
+  functions = {mode: method("__call__", *args, mode=mode) for mode in ("train", "eval")}
+  artifact = export(entry.make(0), functions, target=target)
+  artifact.save(out / entry.name / "program")
+  counts = ", ".join(f"{name} {spec['dispatch_count']}" for name, spec in artifact.functions.items())
+  print(f"{entry.name:<20}{'program':<13}  dispatches: {counts}; {len(artifact.params)} state globals")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--target", default="metal")
@@ -75,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{name:<20}{'call_' + mode:<13}{compiled.dispatch_count:>11}{len(compiled.vmfb):>12}"
         f"{len(compiled.msl):>10}{compiled.compile_seconds:>11.2f}  {run}"
       )
-  print(f"\nArtifacts in {options.out}/<model>/call_<mode>/: module.vmfb, module.mlir, msl/, spirv/")
+    _export_program(ZOO[name], options.target, options.out)
+  print(f"\nModules in {options.out}/<model>/call_<mode>/: module.vmfb, module.mlir, msl/, spirv/")
+  print(f"Program artifacts in {options.out}/<model>/program/: manifest.json, module.vmfb, params.irpa, msl/")
   return 0
 
 

@@ -182,13 +182,15 @@ def test_guide_linear_regression_trains_like_eager(tx_name, target, tmp_path):
     optimizer.update(model, grads)
     return loss
 
-  program = nnxc.export(make(), {"train_step": nnxc.function(train_step, x, y)}, target=target).load()
+  functions = {"train_step": nnxc.function(train_step, x, y), "loss": nnxc.method("loss", x, y)}  # another method
+  program = nnxc.export(make(), functions, target=target).load()
   eager = make()
   losses = []
   for _ in range(101):
     losses.append(program.train_step(x, y))
     np.testing.assert_allclose(losses[-1], train_step(eager["model"], eager["optimizer"], x, y), rtol=2e-5, atol=1e-6)
   assert losses[-1] < 0.02 < losses[0]  # it learned: the guide's noise floor is 0.1**2 * 5 / 2
+  np.testing.assert_allclose(program.loss(x, y), eager["model"].loss(x, y), rtol=2e-5)  # reads the trained globals
   trained = program.state()
   assert_trees_allclose(trained, nnx.state(eager), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(trained["model"]["dense"]["kernel"].get_value(), true_w, atol=0.2)

@@ -16,5 +16,17 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
   assert namespace["y"].shape == (8, 5)
 
 
+def test_readme_program_example_runs(tmp_path, monkeypatch):
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+  monkeypatch.chdir(tmp_path)
+  namespace = {}
+  exec(compile_source(blocks[1]), namespace)
+  losses = namespace["losses"]
+  assert losses[-1] < losses[0]
+  assert namespace["prediction"].shape == (8, 5)
+  assert int(namespace["optimizer"].step.get_value()) == 10  # merged back
+  assert (tmp_path / "build" / "mlp_program" / "params.irpa").exists()
+
+
 def compile_source(source: str):
   return compile(source, str(README), "exec")  # the builtin, not our package
