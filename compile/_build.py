@@ -96,6 +96,7 @@ class Binary:
     msl: ``{dispatch name: Metal Shading Language source}``, for ``metal``.
     spirv: ``{dispatch name: SPIR-V binary}``, for the SPIR-V targets.
     compile_seconds: wall time of iree-compile.
+    calls: dispatches launched per public function, when counted (programs).
   """
 
   vmfb: bytes
@@ -104,6 +105,25 @@ class Binary:
   msl: dict[str, str]
   spirv: dict[str, bytes]
   compile_seconds: float
+  calls: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _dispatch_calls(mlir: str, flags: tuple[str, ...]) -> dict[str, int]:
+  """``flow.dispatch`` ops per public function after dispatch formation.
+
+  Executables are deduplicated across functions (and named after the first), so
+  counting them per name undercounts; the flow-level calls are what each function launches.
+  """
+  flow = ireec.compile_str(mlir, input_type="stablehlo", extra_args=[*flags, "--compile-to=flow"]).decode()
+  calls, function = {}, None
+  for line in flow.splitlines():
+    header = re.match(r"\s*(?:util|func)\.func public @([\w$.]+)\(", line)
+    if header:
+      function = header.group(1)
+      calls[function] = 0
+    elif function is not None and "flow.dispatch @" in line:
+      calls[function] += 1
+  return calls
 
 
 # iree-org/iree#24753 (open, since IREE 3.12): modules with a stablehlo.while fail at
@@ -126,7 +146,9 @@ def module_flags(mlir: str, target: Target, extra_flags: tuple[str, ...] = ()) -
   return (*target.flags, *workarounds, *extra_flags)
 
 
-def compile_module(mlir: str, module_name: str, target: Target, extra_flags: tuple[str, ...] = ()) -> Binary:
+def compile_module(
+  mlir: str, module_name: str, target: Target, extra_flags: tuple[str, ...] = (), *, count_calls: bool = False
+) -> Binary:
   """Runs iree-compile on ``mlir`` (StableHLO, possibly with util globals) for ``target``.
 
   Raises:
@@ -142,7 +164,8 @@ def compile_module(mlir: str, module_name: str, target: Target, extra_flags: tup
       raise CompileError(target.name, list(flags), str(e)) from None
     seconds = time.perf_counter() - start
     dispatches, msl, spirv = _read_dumps(dump, module_name)
-  return Binary(vmfb, flags, dispatches, msl, spirv, seconds)
+  calls = _dispatch_calls(mlir, flags) if count_calls else {}
+  return Binary(vmfb, flags, dispatches, msl, spirv, seconds, calls)
 
 
 def build(

@@ -19,7 +19,8 @@ from ._artifact import package_version, sha256
 from ._build import Binary, compile_module, module_flags
 from ._targets import Target
 
-ENTRY_FORMAT = 1
+ENTRY_FORMAT = 2
+_META_FIELDS = ("flags", "dispatches", "compile_seconds", "calls")
 
 
 def default_directory() -> pathlib.Path:
@@ -65,6 +66,7 @@ class CompileCache:
       msl={name: files[f"msl/{name}.metal"].decode() for name in meta["msl"]},
       spirv={name: files[f"spirv/{name}.spv"] for name in meta["spirv"]},
       compile_seconds=meta["compile_seconds"],
+      calls=meta["calls"],
     )
 
   def put(self, key: str, binary: Binary) -> None:
@@ -77,7 +79,7 @@ class CompileCache:
         (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp / relative).write_bytes(data)
       meta = {
-        **{k: v for k, v in dataclasses.asdict(binary).items() if k in ("flags", "dispatches", "compile_seconds")},
+        **{k: v for k, v in dataclasses.asdict(binary).items() if k in _META_FIELDS},
         "msl": sorted(binary.msl),
         "spirv": sorted(binary.spirv),
         "files": {relative: sha256(data) for relative, data in files.items()},
@@ -107,11 +109,11 @@ def compile_cached(
 ) -> tuple[Binary, bool]:
   """``compile_module`` through ``cache`` (None: no cache). Returns the Binary and whether it was a hit."""
   if cache is None:
-    return compile_module(mlir, module_name, target, extra_flags), False
+    return compile_module(mlir, module_name, target, extra_flags, count_calls=True), False
   key = cache.key(mlir, target, module_flags(mlir, target, extra_flags))
   binary = cache.get(key)
   if binary is not None:
     return binary, True
-  binary = compile_module(mlir, module_name, target, extra_flags)
+  binary = compile_module(mlir, module_name, target, extra_flags, count_calls=True)
   cache.put(key, binary)
   return binary, False

@@ -116,7 +116,7 @@ def _state_entries(state: nnx.State, layout: StateLayout, names: list[str], targ
   return entries
 
 
-def _dispatches_by_function(dispatches: tuple[str, ...], functions: list[str]) -> dict[str, list[str]]:
+def _executables_by_function(dispatches: tuple[str, ...], functions: list[str]) -> dict[str, list[str]]:
   # IREE names each executable after the function it came from: <function>_dispatch_<n>.
   owners = sorted(functions, key=len, reverse=True)
   grouped = {name: [] for name in functions}
@@ -193,7 +193,7 @@ def export(
 
   names = global_names([leaf.name for leaf in layout.leaves])
   state_entries = _state_entries(state, layout, names, target)
-  dispatches = _dispatches_by_function(binary.dispatches, list(functions))
+  executables = _executables_by_function(binary.dispatches, list(functions))
   root = next(iter(objects.values())) if isinstance(objects, dict) else objects
   manifest = {
     "format": FORMAT,
@@ -214,8 +214,8 @@ def export(
         "outputs": [_leaf_entry(leaf, target) for leaf in each.outputs],
         "structure": output_structure(each.output_treedef),
         "updates": [layout.leaves[i].name for i in each.updates],
-        "dispatches": dispatches[name],
-        "dispatch_count": len(dispatches[name]),
+        "executables": executables[name],  # named after this function; shared ones after the first user
+        "dispatch_count": binary.calls[name],  # dispatches this function launches per call
       }
       for name, each in lowered.items()
     },

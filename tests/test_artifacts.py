@@ -73,7 +73,7 @@ def test_metal_artifact_carries_the_msl_of_every_dispatch(tmp_path):
   msl = sorted(p.name for p in (tmp_path / "metal" / "msl").iterdir())
   assert msl == sorted(f"{name}.metal" for name in manifest["dispatches"])
   for function in manifest["functions"].values():
-    assert set(function["dispatches"]) <= set(manifest["dispatches"])
+    assert set(function["executables"]) <= set(manifest["dispatches"])
   assert all(f"msl/{name}" in manifest["files"] for name in msl)
   assert "kernel void" in (tmp_path / "metal" / "msl" / msl[0]).read_text()
 
