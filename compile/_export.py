@@ -20,6 +20,7 @@ from ._assemble import assemble, global_names
 from ._cache import CompileCache, compile_cached
 from ._layout import Leaf, StateLayout
 from ._lower import Lowered, lower_function, method_caller, model_name_of
+from ._program import Program
 from ._run import device_dtype
 from ._stablehlo import check_target_support
 from ._targets import Target, get_target
@@ -133,6 +134,8 @@ def _check_names(functions: dict[str, Function]) -> None:
   for name, spec in functions.items():
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name.startswith("nnx_"):
       raise ValueError(f"Function name {name!r} must be a Python identifier not starting with 'nnx_'.")
+    if hasattr(Program, name):
+      raise ValueError(f"Function name {name!r} is taken by Program.{name}; choose another, e.g. {name}_step.")
     if not isinstance(spec, Function):
       raise TypeError(f"functions[{name!r}] is a {type(spec).__name__}; wrap it with method(...) or function(...).")
 

@@ -5,9 +5,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ._errors import StateMismatchError
 from ._layout import Leaf, StateLayout
 from ._stablehlo import OpSite, clean_for_iree, embeddable_functions
 
@@ -94,11 +96,24 @@ def _pure_function(graphdef: nnx.GraphDef, layout: StateLayout, fn: Callable, ch
     new_values = layout.values(nnx.state(objects))
     # A Variable the function did not assign still holds the very value it was given.
     changed[:] = [i for i, (old, new) in enumerate(zip(values, new_values, strict=True)) if old is not new]
+    for i in changed:
+      _check_unchanged_type(layout.leaves[i], values[i], new_values[i])
     keys = [layout.leaves[i].key_impl is not None for i in changed]
     updated = [new_values[i] for i in changed]
     return outputs, [jax.random.key_data(v) if key else v for v, key in zip(updated, keys, strict=True)]
 
   return pure
+
+
+def _check_unchanged_type(leaf: Leaf, old: Any, new: Any) -> None:
+  # A compiled State has fixed shapes and dtypes; eager NNX (and Linen) let an update change them.
+  if (jnp.shape(new), jnp.result_type(new)) != (jnp.shape(old), jnp.result_type(old)):
+    raise StateMismatchError(
+      f"The function changes state leaf {leaf.name} ({leaf.variable_type}) from "
+      f"{jnp.result_type(old)}{list(jnp.shape(old))} to {jnp.result_type(new)}{list(jnp.shape(new))}; "
+      "a compiled State keeps its shapes and dtypes. Keep the update's shape (e.g. no keepdims=True), "
+      "or run the model once eagerly so the state has its final shape before exporting."
+    )
 
 
 def _leaves(prefix: str, tree: Any) -> tuple[Leaf, ...]:

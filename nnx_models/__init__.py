@@ -4,6 +4,13 @@ from ._linear import Count as Count
 from ._linear import Counter as Counter
 from ._linear import Linear as Linear
 from ._linear import StatefulLinear as StatefulLinear
+from ._linen import CNN as CNN
+from ._linen import BiasAdderWithRunningMean as BiasAdderWithRunningMean
+from ._linen import ExplicitMLP as ExplicitMLP
+from ._linen import SimpleDense as SimpleDense
+from ._linen import SimpleMLP as SimpleMLP
+from ._linen import linen_variables as linen_variables
+from ._linen import to_nnx as to_nnx
 from ._lora import LoraLinear as LoraLinear
 from ._lora import LoraParam as LoraParam
 from ._lora import lora as lora

@@ -74,3 +74,11 @@ def assert_trees_allclose(actual, expected, *, rtol: float, atol: float) -> None
 def _private_compile_cache(tmp_path_factory):
   """Tests compile into their own cache, never the user's ~/.cache/nnx-metal."""
   os.environ["NNX_METAL_CACHE"] = str(tmp_path_factory.mktemp("compile-cache"))
+
+
+@pytest.fixture
+def standard_dtype_promotion():
+  """For code written for JAX's default promotion: optax's schedules and Adam add Python
+  floats to int32 step counts, and flax.linen's pooling divides by an int window size."""
+  with jax.numpy_dtype_promotion("standard"):
+    yield

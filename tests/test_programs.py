@@ -128,13 +128,6 @@ ADAM = optax.chain(
 )
 
 
-@pytest.fixture
-def standard_dtype_promotion():
-  # optax's schedules add Python floats to the int32 step count, which strict promotion refuses.
-  with jax.numpy_dtype_promotion("standard"):
-    yield
-
-
 def _noise_fed(name: str) -> bool:
   # linear1.b feeds BatchNorm, which subtracts the batch mean: its true gradient
   # is 0 and the computed one is rounding noise whose sign differs between XLA and
@@ -278,5 +271,7 @@ def test_export_rejects_bad_function_names():
   args = ZOO["linear"].example_args(BATCH, 0)
   with pytest.raises(ValueError, match="nnx_get_state"):
     nnxc.export(ZOO["linear"].make(0), {"nnx_get_state": nnxc.method("__call__", *args)})
+  with pytest.raises(ValueError, match="taken by Program.update"):
+    nnxc.export(ZOO["linear"].make(0), {"update": nnxc.method("__call__", *args)})
   with pytest.raises(TypeError, match="wrap it with method"):
     nnxc.export(ZOO["linear"].make(0), {"f": lambda m, x: m(x)})
