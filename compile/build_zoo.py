@@ -19,7 +19,7 @@ from nnx_models import ZOO, ZooEntry
 
 from ._build import Compiled, build
 from ._errors import DeviceUnavailableError
-from ._export import export, method
+from ._export import export, function, method
 from ._lower import lower
 from ._run import load
 
@@ -65,6 +65,35 @@ def _export_program(entry: ZooEntry, target: str, out: pathlib.Path) -> None:
   print(f"{entry.name:<20}{'program':<13}  dispatches: {counts}; {len(artifact.params)} state globals")
 
 
+def _export_linen(target: str, out: pathlib.Path) -> None:
+  """The Linen models of the Flax guides, through nnx.bridge, as program artifacts."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  from nnx_models import CNN, BiasAdderWithRunningMean, ExplicitMLP, SimpleDense, SimpleMLP, to_nnx
+
+  x, images = jnp.ones((BATCH, 4)), jnp.ones((BATCH, 8, 8, 1))
+  running_mean = to_nnx(BiasAdderWithRunningMean(), x)
+  running_mean(x, mutable=["batch_stats"])  # its first update fixes the running mean's shape
+  models = {
+    "linen_dense_regression": (to_nnx(nn.Dense(5), x), x),
+    "linen_explicit_mlp": (to_nnx(ExplicitMLP([3, 4, 5]), x), x),
+    "linen_simple_mlp": (to_nnx(SimpleMLP([3, 4, 5]), x), x),
+    "linen_simple_dense": (to_nnx(SimpleDense(3), x), x),
+    "linen_cnn": (to_nnx(CNN(), images), images),
+  }
+  for name, (model, example) in models.items():
+    artifact = export(model, {"apply": method("__call__", example)}, target=target)
+    artifact.save(out / name / "program")
+    print(f"{name:<24}{'program':<13}  dispatches: apply {artifact.functions['apply']['dispatch_count']}")
+  step = function(lambda model, x: model(x, mutable=["batch_stats"]), x)
+  artifact = export(running_mean, {"apply_mutable": step}, target=target)
+  artifact.save(out / "linen_running_mean" / "program")
+  print(
+    f"{'linen_running_mean':<20}{'program':<13}  dispatches: {artifact.functions['apply_mutable']['dispatch_count']}"
+  )
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--target", default="metal")
@@ -87,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(compiled.msl):>10}{compiled.compile_seconds:>11.2f}  {run}"
       )
     _export_program(ZOO[name], options.target, options.out)
+  _export_linen(options.target, options.out)
   print(f"\nModules in {options.out}/<model>/call_<mode>/: module.vmfb, module.mlir, msl/, spirv/")
   print(f"Program artifacts in {options.out}/<model>/program/: manifest.json, module.vmfb, params.irpa, msl/")
   return 0
