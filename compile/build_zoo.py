@@ -89,9 +89,8 @@ def _export_linen(target: str, out: pathlib.Path) -> None:
   step = function(lambda model, x: model(x, mutable=["batch_stats"]), x)
   artifact = export(running_mean, {"apply_mutable": step}, target=target)
   artifact.save(out / "linen_running_mean" / "program")
-  print(
-    f"{'linen_running_mean':<20}{'program':<13}  dispatches: {artifact.functions['apply_mutable']['dispatch_count']}"
-  )
+  count = artifact.functions["apply_mutable"]["dispatch_count"]
+  print(f"{'linen_running_mean':<24}{'program':<13}  dispatches: apply_mutable {count}")
 
 
 def main(argv: list[str] | None = None) -> int:
