@@ -184,8 +184,11 @@ def export(
   graphdef, state = nnx.split(objects)
   layout = StateLayout.of(state)
   model_name = model_name_of(objects)
+  keys = tuple(objects) if isinstance(objects, dict) else None
   lowered: dict[str, Lowered] = {
-    name: lower_function(graphdef, state, spec.fn, spec.args, name=name, model_name=model_name, method=spec.label)
+    name: lower_function(
+      graphdef, state, spec.fn, spec.args, name=name, model_name=model_name, method=spec.label, object_keys=keys
+    )
     for name, spec in functions.items()
   }
   for each in lowered.values():

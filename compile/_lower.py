@@ -62,10 +62,14 @@ class Lowered:
     return f"{self.model_name}.{self.method}({args}) -> ({outs}) with {len(self.state.leaves)} state leaves"
 
 
-def call_with_objects(objects: Any, fn: Callable, args: tuple) -> Any:
-  """Calls ``fn`` the way exported functions are called: a dict of objects is spread positionally."""
+def call_with_objects(objects: Any, fn: Callable, args: tuple, keys: tuple[str, ...] | None = None) -> Any:
+  """Calls ``fn`` the way exported functions are called: a dict of objects is spread positionally.
+
+  ``keys`` is the order the user wrote the dict in: ``nnx.merge`` rebuilds a dict
+  with its keys sorted, which would hand ``fn`` its objects in another order.
+  """
   if isinstance(objects, dict):
-    return fn(*objects.values(), *args)
+    return fn(*(objects[key] for key in keys or objects), *args)
   return fn(objects, *args)
 
 
@@ -86,21 +90,23 @@ def method_caller(method: str, mode: str | None = None) -> Callable:
   return call
 
 
-def _pure_function(graphdef: nnx.GraphDef, layout: StateLayout, fn: Callable, changed: list[int]) -> Callable:
+def _pure_function(
+  graphdef: nnx.GraphDef, layout: StateLayout, fn: Callable, changed: list[int], keys: tuple[str, ...] | None
+) -> Callable:
   """``pure(state_values, *args) -> (outputs, changed_values)``; records the changed indices in ``changed``."""
 
   def pure(state_values, *args):
     values = layout.data_to_keys(state_values)
     objects = nnx.merge(graphdef, jax.tree.unflatten(layout.treedef, values))
-    outputs = call_with_objects(objects, fn, args)
+    outputs = call_with_objects(objects, fn, args, keys)
     new_values = layout.values(nnx.state(objects))
     # A Variable the function did not assign still holds the very value it was given.
     changed[:] = [i for i, (old, new) in enumerate(zip(values, new_values, strict=True)) if old is not new]
     for i in changed:
       _check_unchanged_type(layout.leaves[i], values[i], new_values[i])
-    keys = [layout.leaves[i].key_impl is not None for i in changed]
+    is_key = [layout.leaves[i].key_impl is not None for i in changed]
     updated = [new_values[i] for i in changed]
-    return outputs, [jax.random.key_data(v) if key else v for v, key in zip(updated, keys, strict=True)]
+    return outputs, [jax.random.key_data(v) if key else v for v, key in zip(updated, is_key, strict=True)]
 
   return pure
 
@@ -132,6 +138,7 @@ def lower_function(
   name: str,
   model_name: str,
   method: str | None = None,
+  object_keys: tuple[str, ...] | None = None,
 ) -> Lowered:
   """Lowers ``fn(*objects, *args)`` on the objects ``graphdef`` and ``state`` describe.
 
@@ -142,10 +149,11 @@ def lower_function(
     name: the function's name (names the IREE module ``jit_<name>`` and its symbols).
     model_name: the class name shown in signatures.
     method: the method name shown in signatures (default: ``name``).
+    object_keys: for a dict of objects, the order in which ``fn`` takes them.
   """
   layout = StateLayout.of(state)
   changed: list[int] = []
-  pure = _pure_function(graphdef, layout, fn, changed)
+  pure = _pure_function(graphdef, layout, fn, changed, object_keys)
   pure.__name__ = name
   shapes = jax.eval_shape(lambda *a: a, *args)
   traced = jax.jit(pure, keep_unused=True).lower(layout.flatten(state), *shapes)

@@ -128,7 +128,8 @@ def _train_variants(name: str, batch: int, cache: CompileCache) -> tuple[dict[st
   # The same step with the whole State passed in and out on every call (issue 2's Executable).
   objects = _train_objects(name)
   graphdef, state = nnx.split(objects)
-  lowered = lower_function(graphdef, state, _train_step, (x, y), name="train_step", model_name=name)
+  keys = tuple(objects)
+  lowered = lower_function(graphdef, state, _train_step, (x, y), name="train_step", model_name=name, object_keys=keys)
   in_out = load(build(lowered, "cpu"), device="local-sync")
   in_out_state = [state]
 

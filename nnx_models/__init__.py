@@ -19,5 +19,11 @@ from ._mlp import MLP as MLP
 from ._mlp import StackedMLP as StackedMLP
 from ._regression import LinearRegression as LinearRegression
 from ._regression import make_regression_data as make_regression_data
+from ._vae import EMA as EMA
+from ._vae import ConditionalVAE as ConditionalVAE
+from ._vae import EmaParam as EmaParam
+from ._vae import vae_loss as vae_loss
+from ._vae import vae_optimizer as vae_optimizer
+from ._vae import vae_train_step as vae_train_step
 from ._zoo import ZOO as ZOO
 from ._zoo import ZooEntry as ZooEntry
