@@ -11,7 +11,13 @@ nox.options.sessions = ["tests"]
 
 # The Vulkan ICD of Mesa's lavapipe (a CPU Vulkan driver) runs the SPIR-V code
 # generation that the Metal target is built on; spirv-val validates that SPIR-V.
-SYSTEM_PACKAGES = {"mesa-vulkan-drivers": "/usr/share/vulkan/icd.d/lvp_icd.x86_64.json", "spirv-tools": "spirv-val"}
+# Headless Chromium renders the HTML inspection report in its test.
+SYSTEM_PACKAGES = {
+  "mesa-vulkan-drivers": "/usr/share/vulkan/icd.d/lvp_icd.x86_64.json",
+  "spirv-tools": "spirv-val",
+  "chromium": "chromium",
+  "chromium-driver": "chromedriver",
+}
 
 
 def _missing_system_packages() -> list[str]:
@@ -27,7 +33,7 @@ def _install_system_packages(session: nox.Session) -> None:
     session.run("apt-get", "update", "-q", external=True)
     session.run("apt-get", "install", "-y", "-q", "libvulkan1", *missing, external=True)
   else:
-    session.warn(f"Install {', '.join(missing)} for the Vulkan and SPIR-V tests; they skip without them.")
+    session.warn(f"Install {', '.join(missing)} for the Vulkan, SPIR-V and report tests; they skip without them.")
 
 
 @nox.session(python="3.11")

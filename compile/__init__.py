@@ -39,6 +39,7 @@ _NEEDS_JAX = {
   "StateLayout": "_layout",
   "Lowered": "_lower",
   "lower": "_lower",
+  "write_report": "_report",
   "Executable": "_run",
   "Session": "_run",
   "load": "_run",

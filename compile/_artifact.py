@@ -100,6 +100,13 @@ class Artifact:
     """One entry per state variable: path, name, global, variable type, shape, dtype, device dtype."""
     return self.manifest["state"]
 
+  def saved_state(self):
+    """The state the artifact was saved with, as an ``nnx.State`` (needs flax; no device)."""
+    from ._program import nnx_state
+
+    arrays = {entry["name"]: self.params[entry["global"]].astype(entry["dtype"]) for entry in self.state}
+    return nnx_state(self.state, arrays)
+
   def with_params(self, params: dict[str, np.ndarray]) -> "Artifact":
     """The same program with other state values (e.g. after training)."""
     return Artifact(self.manifest, self.files, params)

@@ -35,11 +35,14 @@ class Function:
       order) and the inputs; may change their state and return any pytree of arrays.
     args: example inputs (arrays or ``jax.ShapeDtypeStruct``).
     label: what it is, for manifests and reports.
+    method, mode: for :func:`method`, the method and mode it calls (reports replay it eagerly).
   """
 
   fn: Callable[..., Any]
   args: tuple
   label: str
+  method: str | None = None
+  mode: str | None = None
 
 
 def method(name: str = "__call__", /, *args: Any, mode: str | None = None) -> Function:
@@ -54,7 +57,7 @@ def method(name: str = "__call__", /, *args: Any, mode: str | None = None) -> Fu
     # With a dict of objects the other objects come first; the inputs are always the last len(args).
     return caller(model, *others_and_inputs[len(others_and_inputs) - len(args) :])
 
-  return Function(call, args, f"{name} ({mode})" if mode else name)
+  return Function(call, args, f"{name} ({mode})" if mode else name, method=name, mode=mode)
 
 
 def function(fn: Callable[..., Any], /, *args: Any) -> Function:
@@ -216,6 +219,8 @@ def export(
     "functions": {
       name: {
         "label": functions[name].label,
+        "method": functions[name].method,
+        "mode": functions[name].mode,
         "inputs": [_leaf_entry(leaf, target) for leaf in each.args],
         "outputs": [_leaf_entry(leaf, target) for leaf in each.outputs],
         "structure": output_structure(each.output_treedef),

@@ -195,7 +195,6 @@ class Program:
     ``nnx.update(objects, program.state())`` merges it into the eager objects.
     """
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     predicate = nnx.filterlib.to_predicate(filter)
@@ -204,14 +203,7 @@ class Program:
       for entry in self.artifact.state
       if predicate(tuple(entry["path"]), _variable_class(entry)(jax.ShapeDtypeStruct(entry["shape"], entry["dtype"])))
     ]
-    arrays = self.arrays([entry["name"] for entry in selected])
-    flat = []
-    for entry in selected:
-      value = jnp.asarray(arrays[entry["name"]])
-      if entry["key_impl"]:
-        value = jax.random.wrap_key_data(value, impl=entry["key_impl"])
-      flat.append((tuple(entry["path"]), _variable_class(entry)(value, **entry["metadata"])))
-    return nnx.from_flat_state(flat)
+    return nnx_state(selected, self.arrays([entry["name"] for entry in selected]))
 
   def load_state(self, source: Any, filter: Any = ...) -> None:
     """Pushes ``source`` (an ``nnx.State``, a module, or a dict of objects) to the device.
@@ -256,6 +248,21 @@ class Program:
     )
     artifact.save(directory)
     return artifact
+
+
+def nnx_state(entries: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> Any:
+  """The ``nnx.State`` of the manifest ``entries`` holding ``arrays`` (by variable name); needs flax."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  flat = []
+  for entry in entries:
+    value = jnp.asarray(arrays[entry["name"]])
+    if entry["key_impl"]:
+      value = jax.random.wrap_key_data(value, impl=entry["key_impl"])
+    flat.append((tuple(entry["path"]), _variable_class(entry)(value, **entry["metadata"])))
+  return nnx.from_flat_state(flat)
 
 
 def _variable_class(entry: dict[str, Any]) -> type:

@@ -2,7 +2,7 @@
 
   nnx-metal build nnx_models:MLP --args 2,16,5 --input 8x2xf32 --target metal --out build/mlp
   nnx-metal run build/mlp --function eval --input 8x2xf32=0.5
-  nnx-metal inspect build/mlp
+  nnx-metal inspect build/mlp --html build/mlp/report.html
   nnx-metal bench --models mlp
 
 A user mistake is one line on stderr with a hint and exit status 2, never a traceback.
@@ -162,6 +162,13 @@ def run(options: argparse.Namespace) -> int:
 def inspect(options: argparse.Namespace) -> int:
   artifact = Artifact.open(options.artifact)
   manifest = artifact.manifest
+  if options.html:
+    from ._report import write_report
+
+    with progress(f"writing the report of {options.artifact}"):
+      write_report(artifact, options.html)
+    print(f"wrote {options.html}")
+    return 0
   if options.json:
     print(json.dumps(manifest, indent=1))
     return 0
@@ -221,6 +228,9 @@ def make_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("artifact", type=pathlib.Path)
   p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+  p.add_argument(
+    "--html", type=pathlib.Path, help="write the HTML report (treescope state, functions, MSL) to this file"
+  )
   p.set_defaults(handler=inspect)
 
   p = commands.add_parser(

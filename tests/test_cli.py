@@ -55,6 +55,13 @@ def test_inspect_lists_functions_and_state(built):
   )
 
 
+def test_inspect_writes_the_html_report(built, tmp_path):
+  result = nnx_metal("inspect", str(built), "--html", str(tmp_path / "report.html"))
+  assert result.returncode == 0, result.stderr
+  page = (tmp_path / "report.html").read_text()
+  assert "treescope" in page and "State by Variable type" in page and "eval(args[0]: float32[8, 2])" in page
+
+
 @pytest.mark.parametrize(
   "args, message",
   [

@@ -1,0 +1,82 @@
+"""The HTML inspection report renders in headless Chromium: the model tree, the parity table, the MSL."""
+
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+
+import compile as nnxc
+from nnx_models import ZOO
+from tests.conftest import skip_or_fail
+
+BATCH = 4
+SCREENSHOTS = pathlib.Path(__file__).parent.parent / "build" / "test-screenshots"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+
+
+def chromium() -> str:
+  path = shutil.which("chromium")
+  if path is None:
+    skip_or_fail("chromium", "chromium not installed (Debian packages chromium, chromium-driver)")
+  return path
+
+
+def _report(tmp_path) -> tuple[pathlib.Path, int]:
+  args = ZOO["mlp"].example_args(BATCH, 0)
+  functions = {mode: nnxc.method("__call__", *args, mode=mode) for mode in ("train", "eval")}
+  nnxc.export(ZOO["mlp"].make(0), functions).save(tmp_path / "artifact")
+  artifact = nnxc.Artifact.open(tmp_path / "artifact")
+  calls = [("train", ZOO["mlp"].example_args(BATCH, 1)), ("eval", ZOO["mlp"].example_args(BATCH, 2))]
+  report = nnxc.write_report(
+    artifact, tmp_path / "report.html", program=artifact.load(), model=ZOO["mlp"].make(0), calls=calls
+  )
+  return report, len(calls)
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+  browser = chromium()
+  report, calls = _report(tmp_path)
+  url = report.resolve().as_uri()
+  dom = subprocess.run(
+    [browser, *CHROMIUM_FLAGS, "--virtual-time-budget=5000", "--dump-dom", url],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  ).stdout
+  # The treescope tree rendered (its text lives in a shadow root; the page's probe copies it out).
+  assert 'data-treescope-containers="1"' in dom
+  assert "MLP(" in dom and "BatchNorm" in dom
+  # One parity row per output leaf of each call and per state variable, all within tolerance.
+  num_state = len(nnxc.load_program(tmp_path / "artifact").artifact.state)
+  assert dom.count('<tr class="parity">') == calls + num_state
+  assert 'class="bad"' not in dom
+  SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+  screenshot = SCREENSHOTS / "report.png"
+  subprocess.run(
+    [browser, *CHROMIUM_FLAGS, "--window-size=1200,1600", f"--screenshot={screenshot}", url],
+    capture_output=True,
+    timeout=120,
+    check=True,
+  )
+  assert screenshot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_report_shows_the_msl_of_each_metal_kernel(tmp_path):
+  args = ZOO["mlp"].example_args(BATCH, 0)
+  artifact = nnxc.export(ZOO["mlp"].make(0), {"eval": nnxc.method("__call__", *args, mode="eval")}, target="metal")
+  page = nnxc.write_report(artifact, tmp_path / "metal.html").read_text()  # no Metal device needed
+  executables = artifact.functions["eval"]["executables"]
+  assert executables and all(f"MSL of {name}" in page for name in executables)
+  assert "kernel void" in page
+  assert "No eager model was given" in page
+
+
+def test_a_parity_error_is_highlighted(tmp_path):
+  args = ZOO["linear"].example_args(BATCH, 0)
+  program = nnxc.export(ZOO["linear"].make(0), {"f": nnxc.method("__call__", *args)}).load()
+  program.set_arrays({"b": np.ones(5, np.float32)})  # the device now disagrees with the eager model
+  model = ZOO["linear"].make(0)
+  page = nnxc.write_report(program.artifact, tmp_path / "r.html", program=program, model=model, calls=[("f", args)])
+  page = page.read_text()
+  assert page.count('class="bad"') == 2  # the output and the bias
