@@ -1,4 +1,4 @@
-"""Sessions: `nox -s metal` builds Metal artifacts, `nox -s tests` runs the tests, `nox -s lint`, `nox -s bench`."""
+"""Sessions: `nox -s metal` builds Metal artifacts, `nox -s tests` runs the tests, `bench`, `docs`, `lint`."""
 
 import os
 import shutil
@@ -64,3 +64,10 @@ def bench(session: nox.Session) -> None:
   """Benchmarks programs against jax.jit and nnx.jit; writes build/bench/bench.{json,md}."""
   session.install("-e", ".")
   session.run("python", "-m", "compile.bench", "--out", "build/bench", *session.posargs)
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+  """Builds the documentation (Sphinx with MyST) into build/docs, offline; warnings are errors."""
+  session.install("-e", ".[docs]")
+  session.run("sphinx-build", "-W", "-b", "html", "docs", "build/docs", *session.posargs)
