@@ -152,6 +152,7 @@ class Program:
 
   def arrays(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Copies state variables from the device: ``{name: array}`` (all, or those in ``names``)."""
+    names = None if names is None else list(names)  # read twice below; a generator would be empty the second time
     unknown = set(names or ()) - set(self._entries)
     if unknown:
       raise self._unknown(sorted(unknown)[0])

@@ -1,6 +1,7 @@
 """The nnx-metal command: build, run, inspect, bench; user mistakes are one line and exit 2."""
 
 import importlib.metadata
+import json
 import subprocess
 import sys
 
@@ -50,9 +51,7 @@ def test_inspect_lists_functions_and_state(built):
   assert result.returncode == 0, result.stderr
   assert "eval(float32[8, 2]) -> (float32[8, 5]): 2 dispatches" in result.stdout
   assert "bn.mean" in result.stdout and "BatchStat" in result.stdout
-  assert nnxc.Artifact.open(built).manifest == __import__("json").loads(
-    nnx_metal("inspect", str(built), "--json").stdout
-  )
+  assert nnxc.Artifact.open(built).manifest == json.loads(nnx_metal("inspect", str(built), "--json").stdout)
 
 
 def test_inspect_writes_the_html_report(built, tmp_path):

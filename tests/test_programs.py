@@ -244,17 +244,24 @@ def test_state_filter_and_update_merge_into_the_eager_model():
 
 def test_pushed_state_with_wrong_shape_dtype_or_path_is_refused_naming_it():
   program = _forward_program("mlp", "cpu")
+  before = program.arrays()
   with pytest.raises(nnxc.StateMismatchError, match=r"linear1\.w .*float32\[2, 16\].*float32\[3, 16\]"):
-    program.set_arrays({"linear1.w": np.zeros((3, 16), np.float32)})
+    # A valid variable listed first must not be written either: all are checked before any is pushed.
+    program.set_arrays({"linear1.b": np.ones(16, np.float32), "linear1.w": np.zeros((3, 16), np.float32)})
   with pytest.raises(nnxc.StateMismatchError, match=r"linear1\.w .*int32"):
     program.set_arrays({"linear1.w": np.zeros((2, 16), np.int32)})
   with pytest.raises(nnxc.StateMismatchError, match="no state variable 'linear9.w'"):
     program.set_arrays({"linear9.w": np.zeros((2, 16), np.float32)})
-  other = MLP(3, 16, 5, rngs=nnx.Rngs(0))
+  other = MLP(3, 16, 5, rngs=nnx.Rngs(0))  # bn, linear2 fit; linear1.w does not
   with pytest.raises(nnxc.StateMismatchError, match=r"linear1\.w"):
     program.load_state(other)
-  before = program.arrays()
   assert_trees_allclose(program.arrays(), before, rtol=0, atol=0)  # nothing was half-pushed
+
+
+def test_arrays_accepts_any_iterable_of_names():
+  program = _forward_program("mlp", "cpu")
+  names = (name for name in ["bn.mean", "linear1.b"])
+  assert set(program.arrays(names)) == {"bn.mean", "linear1.b"}
 
 
 def test_wrong_inputs_are_refused_naming_the_argument():
