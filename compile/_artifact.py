@@ -43,6 +43,16 @@ def package_version(name: str) -> str:
     return "not installed"
 
 
+def toolchain_versions() -> dict[str, str]:
+  """The versions an artifact (and a cache entry) depends on."""
+  return {name: package_version(name) for name in ("jax", "flax", "iree-base-compiler", "nnx-metal")}
+
+
+def path_name(path: tuple) -> str:
+  """A state variable's name: its NNX path joined with dots (``linear1.w``, ``layers.0.b``)."""
+  return ".".join(str(part) for part in path)
+
+
 def _major_minor(version: str) -> str:
   return ".".join(version.split(".")[:2])
 

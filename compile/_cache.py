@@ -15,7 +15,7 @@ import pathlib
 import shutil
 import tempfile
 
-from ._artifact import package_version, sha256
+from ._artifact import sha256, toolchain_versions
 from ._build import Binary, compile_module, module_flags
 from ._targets import Target
 
@@ -42,9 +42,8 @@ class CompileCache:
     self.directory = pathlib.Path(directory) if directory is not None else default_directory()
 
   def key(self, mlir: str, target: Target, flags: tuple[str, ...]) -> str:
-    versions = {name: package_version(name) for name in ("jax", "flax", "iree-base-compiler", "nnx-metal")}
     identity = {"entry": ENTRY_FORMAT, "mlir": sha256(mlir.encode()), "target": target.name, "flags": list(flags)}
-    return sha256(json.dumps({**identity, "versions": versions}, sort_keys=True).encode())
+    return sha256(json.dumps({**identity, "versions": toolchain_versions()}, sort_keys=True).encode())
 
   def _path(self, key: str) -> pathlib.Path:
     return self.directory / key[:2] / key

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ._artifact import FORMAT, FORMAT_VERSION, MODULE, Artifact, package_version, sha256
+from ._artifact import FORMAT, FORMAT_VERSION, MODULE, Artifact, path_name, sha256, toolchain_versions
 from ._assemble import assemble, global_names
 from ._cache import CompileCache, compile_cached
 from ._layout import Leaf, StateLayout
@@ -72,7 +72,7 @@ def _class_path(obj: Any) -> str:
 
 def graphdef_fingerprint(objects: Any, layout: StateLayout) -> str:
   """sha256 of the object graph's structure (node paths and types) and the State layout; values excluded."""
-  nodes = [[".".join(map(str, path)), type(node).__qualname__] for path, node in nnx.iter_graph(objects)]
+  nodes = [[path_name(path), type(node).__qualname__] for path, node in nnx.iter_graph(objects)]
   leaves = [dataclasses.astuple(leaf) for leaf in layout.leaves]
   return sha256(repr((sorted(nodes), leaves)).encode())
 
@@ -212,7 +212,7 @@ def export(
     "graphdef_fingerprint": graphdef_fingerprint(objects, layout),
     "target": {"name": target.name, "backend": target.backend, "drivers": list(target.drivers)},
     "flags": list(binary.flags),
-    "versions": {name: package_version(name) for name in ("jax", "flax", "iree-base-compiler", "nnx-metal")},
+    "versions": toolchain_versions(),
     "compile_seconds": binary.compile_seconds,
     "dispatches": list(binary.dispatches),
     "state": state_entries,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ._artifact import path_name
 from ._errors import StateMismatchError
 
 
@@ -42,10 +43,6 @@ class Leaf:
 
 def _is_key(value: Any) -> bool:
   return jnp.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key)
-
-
-def path_name(path: tuple) -> str:
-  return ".".join(str(part) for part in path)
 
 
 def _leaf_of(path: tuple, variable: nnx.Variable) -> Leaf:

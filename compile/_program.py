@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._artifact import GET_STATE, PARAMETER_SCOPE, SET_STATE, Artifact, params_index
+from ._artifact import GET_STATE, PARAMETER_SCOPE, SET_STATE, Artifact, params_index, path_name
 from ._device import DeviceModule, open_device
 from ._errors import ArtifactError, SignatureError, StateMismatchError, UnknownTargetError
 
@@ -224,7 +224,7 @@ class Program:
       state = nnx.filter_state(state, filter)
     arrays = {}
     for path, variable in nnx.to_flat_state(state):
-      name = ".".join(str(part) for part in path)
+      name = path_name(path)
       entry = self._entries.get(name)
       if entry is None:
         raise self._unknown(name)

@@ -17,7 +17,7 @@ import numpy as np
 import treescope
 from flax import nnx
 
-from ._artifact import Artifact
+from ._artifact import Artifact, path_name
 from ._program import Program
 
 _STYLE = """
@@ -84,7 +84,7 @@ def replay(program: Program, model: nnx.Module, calls: Sequence[tuple[str, tuple
   compiled = dict(nnx.to_flat_state(program.state()))
   for path, variable in nnx.to_flat_state(nnx.state(model)):
     got = compiled[path].get_value()
-    rows.append(Parity(".".join(map(str, path)), type(variable).__name__, *_errors(got, variable.get_value())))
+    rows.append(Parity(path_name(path), type(variable).__name__, *_errors(got, variable.get_value())))
   return rows
 
 
