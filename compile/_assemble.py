@@ -10,8 +10,9 @@ write every global, for moving state between the device and the host.
 
 import re
 
-from ._artifact import GET_STATE, PARAMETER_SCOPE, SET_STATE
 from ._lower import Lowered
+from .runtime._artifact import PARAMETER_SCOPE, STATE_ORDER
+from .runtime._manifest import GET_STATE, SET_STATE
 
 
 def global_names(leaf_names: list[str]) -> list[str]:
@@ -92,11 +93,14 @@ class _Function:
       value = self.fresh(value, stored, fresh_if)
     self.lines.append(f'util.global.store {value}, @"{self.globals[index]}" : {stored}')
 
-  def text(self, name: str, args: list[str], arg_types: list[str], returns: list[str], return_types: list[str]) -> str:
+  def text(
+    self, name: str, args: list[str], arg_types: list[str], returns: list[str], return_types: list[str], attributes=""
+  ) -> str:
     params = ", ".join(f"{a}: {t}" for a, t in zip(args, arg_types, strict=True))
     ret = f"return {', '.join(returns)} : {', '.join(return_types)}" if returns else "return"
     body = "\n".join(f"    {line}" for line in [*self.lines, ret])
-    return f"  func.func @{name}({params}) -> ({', '.join(return_types)}) {{\n{body}\n  }}"
+    header = f"func.func @{name}({params}) -> ({', '.join(return_types)}){attributes}"
+    return f"  {header} {{\n{body}\n  }}"
 
 
 def _call(name: str, lowered: Lowered, globals_: list[str]) -> str:
@@ -132,8 +136,10 @@ def _state_accessors(globals_: list[str], state_types: tuple[str, ...]) -> list[
   args = [f"%arg{i}" for i in range(len(globals_))]
   for i, arg in enumerate(args):
     setter.store(arg, i, fresh_if=true)
+  # The order of the globals, readable from the module itself: artifacts check their manifest against it.
+  order = f' attributes {{iree.reflection = {{"{STATE_ORDER}" = "{",".join(globals_)}"}}}}'
   return [
-    getter.text(GET_STATE, ["%flag"], ["tensor<i32>"], values, list(state_types)),
+    getter.text(GET_STATE, ["%flag"], ["tensor<i32>"], values, list(state_types), order),
     setter.text(SET_STATE, ["%flag", *args], ["tensor<i32>", *state_types], [], []),
   ]
 

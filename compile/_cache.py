@@ -15,12 +15,21 @@ import pathlib
 import shutil
 import tempfile
 
-from ._artifact import sha256, toolchain_versions
-from ._build import Binary, compile_module, module_flags
-from ._targets import Target
+from collections.abc import Mapping
 
-ENTRY_FORMAT = 2
+from ._iree import Binary, compile_module, module_flags
+from ._stablehlo import OpSite
+from ._targets import Target
+from .runtime._artifact import package_version, sha256
+from .runtime._manifest import is_safe_file_name
+
+ENTRY_FORMAT = 3
 _META_FIELDS = ("flags", "dispatches", "compile_seconds", "calls")
+
+
+def toolchain_versions() -> dict[str, str]:
+  """The versions an artifact (and a cache entry) depends on."""
+  return {name: package_version(name) for name in ("jax", "flax", "iree-base-compiler", "nnx-metal")}
 
 
 def default_directory() -> pathlib.Path:
@@ -49,24 +58,27 @@ class CompileCache:
     return self.directory / key[:2] / key
 
   def get(self, key: str) -> Binary | None:
-    """The cached Binary, or None if absent or corrupt."""
+    """The cached Binary, or None if absent or corrupt (then it is compiled again)."""
     path = self._path(key)
     try:
       meta = json.loads((path / "binary.json").read_text())
+      if not all(is_safe_file_name(relative) for relative in meta["files"]):
+        return None  # never read outside the entry, whatever binary.json says
       files = {relative: (path / relative).read_bytes() for relative in meta["files"]}
-    except (OSError, ValueError, KeyError):
+      if any(sha256(data) != meta["files"][relative] for relative, data in files.items()):
+        return None
+      return Binary(
+        vmfb=files["module.vmfb"],
+        flags=tuple(meta["flags"]),
+        dispatches=tuple(meta["dispatches"]),
+        msl={name: files[f"msl/{name}.metal"].decode() for name in meta["msl"]},
+        spirv={name: files[f"spirv/{name}.spv"] for name in meta["spirv"]},
+        compile_seconds=meta["compile_seconds"],
+        calls=dict(meta["calls"]),
+        origins={name: [(scope, int(index)) for scope, index in tags] for name, tags in meta["origins"].items()},
+      )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
       return None
-    if any(sha256(data) != meta["files"][relative] for relative, data in files.items()):
-      return None
-    return Binary(
-      vmfb=files["module.vmfb"],
-      flags=tuple(meta["flags"]),
-      dispatches=tuple(meta["dispatches"]),
-      msl={name: files[f"msl/{name}.metal"].decode() for name in meta["msl"]},
-      spirv={name: files[f"spirv/{name}.spv"] for name in meta["spirv"]},
-      compile_seconds=meta["compile_seconds"],
-      calls=meta["calls"],
-    )
 
   def put(self, key: str, binary: Binary) -> None:
     path = self._path(key)
@@ -79,6 +91,7 @@ class CompileCache:
         (tmp / relative).write_bytes(data)
       meta = {
         **{k: v for k, v in dataclasses.asdict(binary).items() if k in _META_FIELDS},
+        "origins": binary.origins,
         "msl": sorted(binary.msl),
         "spirv": sorted(binary.spirv),
         "files": {relative: sha256(data) for relative, data in files.items()},
@@ -104,15 +117,20 @@ def _remove(path: pathlib.Path) -> None:
 
 
 def compile_cached(
-  mlir: str, module_name: str, target: Target, extra_flags: tuple[str, ...], cache: CompileCache | None
+  mlir: str,
+  module_name: str,
+  target: Target,
+  extra_flags: tuple[str, ...],
+  cache: CompileCache | None,
+  sites: Mapping[str, tuple[OpSite, ...]],
 ) -> tuple[Binary, bool]:
   """``compile_module`` through ``cache`` (None: no cache). Returns the Binary and whether it was a hit."""
   if cache is None:
-    return compile_module(mlir, module_name, target, extra_flags, count_calls=True), False
+    return compile_module(mlir, module_name, target, extra_flags, sites=sites), False
   key = cache.key(mlir, target, module_flags(mlir, target, extra_flags))
   binary = cache.get(key)
   if binary is not None:
     return binary, True
-  binary = compile_module(mlir, module_name, target, extra_flags, count_calls=True)
+  binary = compile_module(mlir, module_name, target, extra_flags, sites=sites)
   cache.put(key, binary)
   return binary, False

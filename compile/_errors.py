@@ -22,12 +22,20 @@ class UnsupportedOpError(NnxMetalError):
 
 
 class CompileError(NnxMetalError):
-  """iree-compile failed; carries the target, the flags and the compiler's diagnostics."""
+  """iree-compile failed; carries the target, the flags, the compiler's diagnostics and the op they point at.
 
-  def __init__(self, target: str, flags: list[str], diagnostics: str):
-    self.target, self.flags, self.diagnostics = target, flags, diagnostics
+  Attributes:
+    target: the target's name.
+    flags: the iree-compile flags.
+    diagnostics: what iree-compile printed.
+    culprit: the first error and the StableHLO op and Python line it points at ("" if unknown).
+  """
+
+  def __init__(self, target: str, flags: list[str], diagnostics: str, *, culprit: str = ""):
+    self.target, self.flags, self.diagnostics, self.culprit = target, flags, diagnostics, culprit
     super().__init__(
-      f"iree-compile failed for target {target!r}.\nflags: {' '.join(flags)}\ndiagnostics:\n{diagnostics.strip()}"
+      f"iree-compile failed for target {target!r}: {culprit or 'see the diagnostics below'}"
+      f"\nflags: {' '.join(flags)}\ndiagnostics:\n{diagnostics.strip()}"
     )
 
 
@@ -37,3 +45,17 @@ class DeviceUnavailableError(NnxMetalError, RuntimeError):
 
 class ArtifactError(NnxMetalError):
   """An artifact on disk that is corrupt, truncated or made for something else."""
+
+
+class HazardError(CompileError):
+  """A compiled SPIR-V kernel may read memory another invocation wrote, with no barrier in between (a data race).
+
+  Attributes:
+    target: the target's name.
+    flags: the iree-compile flags.
+    kernels: ``{kernel: race descriptions}``.
+  """
+
+  def __init__(self, target: str, flags: list[str], report: str, kernels: dict[str, list[str]]):
+    self.target, self.flags, self.diagnostics, self.culprit, self.kernels = target, flags, report, "", kernels
+    NnxMetalError.__init__(self, report)

@@ -2,8 +2,9 @@
 
 The NNX counterpart of iree-jax's ``Program`` and iree-turbine's ``CompiledModule``,
 on public JAX APIs: the objects are split once, each function is lowered as a pure
-function of the whole State, and ``_assemble`` stitches them into one IREE module
-whose globals hold the State (see ``docs/programs.md``).
+function of the whole State (with the target's StableHLO rewrites), ``_assemble``
+stitches them into one IREE module whose globals hold the State, and the SPIR-V
+kernels are checked for data races (see ``docs/programs.md``).
 """
 
 import dataclasses
@@ -15,19 +16,23 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ._artifact import FORMAT, FORMAT_VERSION, MODULE, Artifact, path_name, sha256, toolchain_versions
 from ._assemble import assemble, global_names
-from ._cache import CompileCache, compile_cached
+from ._cache import CompileCache, compile_cached, toolchain_versions
+from ._errors import HazardError
+from ._hazards import find_races
+from ._iree import Binary, origin_sites
 from ._layout import Leaf, StateLayout
 from ._lower import Lowered, lower_function, method_caller, model_name_of
-from ._program import Program
-from ._run import device_dtype
 from ._stablehlo import check_target_support
 from ._targets import Target, get_target
+from .runtime import _dtypes
+from .runtime._artifact import MODULE, Artifact, sha256
+from .runtime._manifest import MLIR, Function, Manifest, TargetInfo, Tensor, Variable, function_name_problem, path_name
+from .runtime._variables import class_path, register_variable_type
 
 
 @dataclasses.dataclass(frozen=True)
-class Function:
+class Export:
   """One function to export: ``fn(*objects, *args)`` traced at the shapes and dtypes of ``args``.
 
   Attributes:
@@ -45,7 +50,7 @@ class Function:
   mode: str | None = None
 
 
-def method(name: str = "__call__", /, *args: Any, mode: str | None = None) -> Function:
+def method(name: str = "__call__", /, *args: Any, mode: str | None = None) -> Export:
   """Exports ``model.<name>(*args)`` of the (first) object, in ``mode`` ('train', 'eval' or as it is).
 
   Example:
@@ -57,17 +62,12 @@ def method(name: str = "__call__", /, *args: Any, mode: str | None = None) -> Fu
     # With a dict of objects the other objects come first; the inputs are always the last len(args).
     return caller(model, *others_and_inputs[len(others_and_inputs) - len(args) :])
 
-  return Function(call, args, f"{name} ({mode})" if mode else name, method=name, mode=mode)
+  return Export(call, args, f"{name} ({mode})" if mode else name, method=name, mode=mode)
 
 
-def function(fn: Callable[..., Any], /, *args: Any) -> Function:
+def function(fn: Callable[..., Any], /, *args: Any) -> Export:
   """Exports ``fn(*objects, *args)``, e.g. a train step ``fn(model, optimizer, x, y) -> loss``."""
-  return Function(fn, args, getattr(fn, "__qualname__", repr(fn)))
-
-
-def _class_path(obj: Any) -> str:
-  cls = obj if isinstance(obj, type) else type(obj)
-  return f"{cls.__module__}:{cls.__qualname__}"
+  return Export(fn, args, getattr(fn, "__qualname__", repr(fn)))
 
 
 def graphdef_fingerprint(objects: Any, layout: StateLayout) -> str:
@@ -78,7 +78,7 @@ def graphdef_fingerprint(objects: Any, layout: StateLayout) -> str:
 
 
 def output_structure(treedef: Any) -> dict[str, Any]:
-  """A JSON description of a return value's structure that ``_program.unflatten_outputs`` rebuilds without JAX."""
+  """A JSON description of a return value's structure that the runtime rebuilds without JAX."""
 
   def encode(node: Any) -> dict[str, Any]:
     if isinstance(node, int):
@@ -86,41 +86,38 @@ def output_structure(treedef: Any) -> dict[str, Any]:
     if node is None:
       return {"none": None}
     if isinstance(node, dict):
-      return {"dict": [[key, encode(value)] for key, value in node.items()]}
-    if isinstance(node, (tuple, list)) and type(node) in (tuple, list):
+      return {"dict": [[str(key), encode(value)] for key, value in node.items()]}
+    if isinstance(node, tuple | list) and type(node) in (tuple, list):
       return {type(node).__name__: [encode(item) for item in node]}
     return {"tuple": [encode(leaf) for leaf in jax.tree.leaves(node)]}  # other pytrees come back as tuples
 
   return encode(jax.tree.unflatten(treedef, list(range(treedef.num_leaves))))
 
 
-def _leaf_entry(leaf: Leaf, target: Target) -> dict[str, Any]:
-  return {
-    "name": leaf.name,
-    "shape": list(leaf.shape),
-    "dtype": leaf.dtype,
-    "device_dtype": device_dtype(leaf.dtype, target).name,
-  }
+def _tensor(leaf: Leaf, target: Target) -> Tensor:
+  return Tensor(leaf.name, leaf.shape, leaf.dtype, _dtypes.device_dtype_name(leaf.dtype, target.demote_f64))
 
 
-def _state_entries(state: nnx.State, layout: StateLayout, names: list[str], target: Target) -> list[dict[str, Any]]:
-  entries = []
+def _variables(state: nnx.State, layout: StateLayout, names: list[str], target: Target) -> tuple[Variable, ...]:
+  variables = []
   for (path, variable), leaf, name in zip(nnx.to_flat_state(state), layout.leaves, names, strict=True):
-    entries.append(
-      {
-        **_leaf_entry(leaf, target),
-        "path": list(path),
-        "global": name,
-        "variable_type": leaf.variable_type,
-        "variable_class": _class_path(variable),
-        "metadata": {k: v for k, v in variable.get_metadata().items() if isinstance(v, (str, int, float, bool))},
-        "key_impl": leaf.key_impl,
-      }
+    register_variable_type(type(variable))  # what the user exports, this process may rebuild
+    scalars = {k: v for k, v in variable.get_metadata().items() if isinstance(v, str | int | float | bool)}
+    variables.append(
+      Variable(
+        **vars(_tensor(leaf, target)),
+        path=tuple(path),
+        variable_type=leaf.variable_type,
+        variable_class=class_path(type(variable)),
+        global_name=name,
+        metadata={k: v for k, v in scalars.items() if re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", k)},
+        key_impl=leaf.key_impl,
+      )
     )
-  return entries
+  return tuple(variables)
 
 
-def _executables_by_function(dispatches: tuple[str, ...], functions: list[str]) -> dict[str, list[str]]:
+def _executables_by_function(dispatches: tuple[str, ...], functions: list[str]) -> dict[str, tuple[str, ...]]:
   # IREE names each executable after the function it came from: <function>_dispatch_<n>.
   owners = sorted(functions, key=len, reverse=True)
   grouped = {name: [] for name in functions}
@@ -128,18 +125,17 @@ def _executables_by_function(dispatches: tuple[str, ...], functions: list[str]) 
     owner = next((name for name in owners if dispatch.startswith(f"{name}_dispatch_")), None)
     if owner is not None:
       grouped[owner].append(dispatch)
-  return grouped
+  return {name: tuple(each) for name, each in grouped.items()}
 
 
-def _check_names(functions: dict[str, Function]) -> None:
+def _check_names(functions: dict[str, Export]) -> None:
   if not functions:
     raise ValueError("export needs at least one function, e.g. {'eval': method('__call__', x, mode='eval')}.")
   for name, spec in functions.items():
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name.startswith("nnx_"):
-      raise ValueError(f"Function name {name!r} must be a Python identifier not starting with 'nnx_'.")
-    if hasattr(Program, name):
-      raise ValueError(f"Function name {name!r} is taken by Program.{name}; choose another, e.g. {name}_step.")
-    if not isinstance(spec, Function):
+    problem = function_name_problem(name) if isinstance(name, str) else "must be a string"
+    if problem:
+      raise ValueError(f"Function name {name!r} {problem}; choose another, e.g. {name}_step.")
+    if not isinstance(spec, Export):
       raise TypeError(f"functions[{name!r}] is a {type(spec).__name__}; wrap it with method(...) or function(...).")
 
 
@@ -151,15 +147,38 @@ def _cache_of(cache: bool | str | CompileCache | None) -> CompileCache | None:
   return cache if isinstance(cache, CompileCache) else CompileCache(cache)
 
 
+def raise_on_races(binary: Binary, target: Target, lowered: dict[str, Lowered]) -> None:
+  """Raises HazardError if a SPIR-V kernel of ``binary`` may read what another invocation wrote without a barrier."""
+  sites = {name: each.sites for name, each in lowered.items()}
+  found = {kernel: find_races(spirv) for kernel, spirv in binary.spirv.items()}
+  found = {kernel: races for kernel, races in found.items() if races}
+  if not found:
+    return
+  lines = [f"{len(found)} kernel(s) compiled for {target.name!r} may race (a load of memory another invocation "
+           "stored to, with no barrier in between):"]
+  for kernel, races in found.items():
+    origin = "; ".join(dict.fromkeys(site.describe() for site in origin_sites(binary, kernel, sites)))
+    lines += [f"  {kernel}, formed from {origin or 'unknown ops'}:", *(f"    {race.describe()}" for race in races)]
+  lines.append(
+    "This is an IREE code generation bug that nnx-metal's rewrites did not prevent. Please report it with "
+    "the function's StableHLO (compile.lower(..., target=...).mlir). export(..., check_hazards=False) builds "
+    "it anyway: its results on a GPU may then be wrong."
+  )
+  kernels = {kernel: [race.describe() for race in races] for kernel, races in found.items()}
+  raise HazardError(target.name, list(binary.flags), "\n".join(lines), kernels)
+
+
 def export(
   objects: Any,
-  functions: dict[str, Function],
+  functions: dict[str, Export],
   *,
   target: str | Target = "cpu",
   metal_platform: str = "macos",
   cuda_arch: str = "sm_80",
+  vulkan_target: str | None = None,
   extra_flags: tuple[str, ...] = (),
   cache: bool | str | CompileCache | None = True,
+  check_hazards: bool = True,
 ) -> Artifact:
   """Compiles ``functions`` of ``objects`` into one program whose state lives on the device.
 
@@ -171,26 +190,32 @@ def export(
     objects: an ``nnx.Module``, or a dict of NNX objects such as
       ``{"model": model, "optimizer": optimizer}`` (state paths then start with the keys).
     functions: ``{name: method(...) | function(...)}``; each becomes a program function.
-    target: ``metal``, ``cpu``, ``vulkan`` or ``cuda``.
-    metal_platform, cuda_arch, extra_flags: as for :func:`compile.build`.
+    target: ``metal``, ``metal-vulkan`` (Metal's code generation on a Vulkan
+      driver), ``vulkan``, ``cpu`` or ``cuda``.
+    metal_platform, cuda_arch, vulkan_target: see :func:`compile.get_target`.
+    extra_flags: more iree-compile flags, appended.
     cache: True for the default compile cache (``$NNX_METAL_CACHE`` or
       ``~/.cache/nnx-metal``), a directory or CompileCache, or False for none.
+    check_hazards: check every SPIR-V kernel for data races (see ``compile/_hazards.py``).
 
   Returns:
     The :class:`Artifact`: ``.load()`` runs it here, ``.save(directory)`` ships it.
 
   Raises:
-    UnsupportedOpError, CompileError: as for :func:`compile.build`.
+    UnsupportedOpError: an op or type the target cannot compile, found before compiling.
+    CompileError: iree-compile failed (names the StableHLO op and Python line).
+    HazardError: a SPIR-V kernel may race (names the kernel, the op and the line).
   """
   _check_names(functions)
-  target = get_target(target, metal_platform=metal_platform, cuda_arch=cuda_arch)
+  target = get_target(target, metal_platform=metal_platform, cuda_arch=cuda_arch, vulkan_target=vulkan_target)
   graphdef, state = nnx.split(objects)
   layout = StateLayout.of(state)
   model_name = model_name_of(objects)
   keys = tuple(objects) if isinstance(objects, dict) else None
   lowered: dict[str, Lowered] = {
     name: lower_function(
-      graphdef, state, spec.fn, spec.args, name=name, model_name=model_name, method=spec.label, object_keys=keys
+      graphdef, state, spec.fn, spec.args, name=name, model_name=model_name, method=spec.label, object_keys=keys,
+      target=target,
     )
     for name, spec in functions.items()
   }
@@ -198,44 +223,56 @@ def export(
     check_target_support(each.sites, target)
   module_name = re.sub(r"\W", "_", model_name).lower()
   mlir = assemble(module_name, lowered)
-  binary, cached = compile_cached(mlir, module_name, target, tuple(extra_flags), _cache_of(cache))
+  sites = {name: each.sites for name, each in lowered.items()}
+  binary, cached = compile_cached(mlir, module_name, target, tuple(extra_flags), _cache_of(cache), sites)
+  if target.spirv and check_hazards:
+    raise_on_races(binary, target, lowered)
 
   names = global_names([leaf.name for leaf in layout.leaves])
-  state_entries = _state_entries(state, layout, names, target)
-  executables = _executables_by_function(binary.dispatches, list(functions))
-  root = next(iter(objects.values())) if isinstance(objects, dict) else objects
-  manifest = {
-    "format": FORMAT,
-    "format_version": FORMAT_VERSION,
-    "model": _class_path(root),
-    "objects": {key: _class_path(obj) for key, obj in objects.items()} if isinstance(objects, dict) else None,
-    "graphdef_fingerprint": graphdef_fingerprint(objects, layout),
-    "target": {"name": target.name, "backend": target.backend, "drivers": list(target.drivers)},
-    "flags": list(binary.flags),
-    "versions": toolchain_versions(),
-    "compile_seconds": binary.compile_seconds,
-    "dispatches": list(binary.dispatches),
-    "state": state_entries,
-    "functions": {
-      name: {
-        "label": functions[name].label,
-        "method": functions[name].method,
-        "mode": functions[name].mode,
-        "inputs": [_leaf_entry(leaf, target) for leaf in each.args],
-        "outputs": [_leaf_entry(leaf, target) for leaf in each.outputs],
-        "structure": output_structure(each.output_treedef),
-        "updates": [layout.leaves[i].name for i in each.updates],
-        "executables": executables[name],  # named after this function; shared ones after the first user
-        "dispatch_count": binary.calls[name],  # dispatches this function launches per call
-      }
-      for name, each in lowered.items()
-    },
-  }
-  files = {MODULE: binary.vmfb, "module.mlir": mlir.encode()}
+  variables = _variables(state, layout, names, target)
+  manifest = _manifest(objects, layout, target, binary, variables, functions, lowered, check_hazards)
+  files = {MODULE: binary.vmfb, MLIR: mlir.encode()}
   files |= {f"msl/{name}.metal": source.encode() for name, source in binary.msl.items()}
-  values = layout.flatten(state)
+  files |= {f"spirv/{name}.spv": data for name, data in binary.spirv.items()}
   params = {
-    entry["global"]: np.asarray(value).astype(entry["device_dtype"])
-    for entry, value in zip(state_entries, values, strict=True)
+    variable.global_name: np.asarray(value).astype(_dtypes.dtype(variable.device_dtype).numpy)
+    for variable, value in zip(variables, layout.flatten(state), strict=True)
   }
   return Artifact(manifest, files, params, from_cache=cached)
+
+
+def _manifest(objects, layout, target, binary, variables, functions, lowered, hazards_checked) -> Manifest:
+  root = next(iter(objects.values())) if isinstance(objects, dict) else objects
+  executables = _executables_by_function(binary.dispatches, list(functions))
+  rewrites: dict[str, int] = {}
+  for each in lowered.values():
+    for rewrite, count in each.rewrites.items():
+      rewrites[rewrite] = rewrites.get(rewrite, 0) + count
+  return Manifest(
+    model=class_path(type(root)),
+    objects={key: class_path(type(obj)) for key, obj in objects.items()} if isinstance(objects, dict) else None,
+    graphdef_fingerprint=graphdef_fingerprint(objects, layout),
+    target=TargetInfo(target.name, target.backend, target.drivers, target.demote_f64),
+    flags=binary.flags,
+    versions=toolchain_versions(),
+    compile_seconds=binary.compile_seconds,
+    dispatches=binary.dispatches,
+    rewrites=rewrites,
+    hazard_check="not applicable" if not target.spirv else ("passed" if hazards_checked else "off"),
+    state=variables,
+    functions={
+      name: Function(
+        name=name,
+        label=functions[name].label,
+        method=functions[name].method,
+        mode=functions[name].mode,
+        inputs=tuple(_tensor(leaf, target) for leaf in each.args),
+        outputs=tuple(_tensor(leaf, target) for leaf in each.outputs),
+        structure=output_structure(each.output_treedef),
+        updates=tuple(layout.leaves[i].name for i in each.updates),
+        executables=executables[name],  # named after this function; shared ones after the first user
+        dispatch_count=binary.calls[name],  # kernels this function launches per call
+      )
+      for name, each in lowered.items()
+    },
+  )

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ._artifact import path_name
 from ._errors import StateMismatchError
+from .runtime._manifest import path_name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import _rewrites
 from ._errors import StateMismatchError
 from ._layout import Leaf, StateLayout
-from ._stablehlo import OpSite, clean_for_iree, embeddable_functions
+from ._stablehlo import OpSite, clean_for_iree, embeddable_functions, module_text
+from ._targets import Target, get_target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +26,8 @@ class Lowered:
 
   Attributes:
     name: the function's name; the standalone module is ``jit_<name>``.
-    mlir: a standalone StableHLO module with the function as ``@main``.
+    mlir: a standalone StableHLO module with the function as ``@main``, every op
+      carrying its Python source location.
     functions: the same functions, private and renamed ``<name>.<symbol>``, to
       paste into a larger module (see ``_assemble.py``).
     graphdef: the objects' GraphDef, closed over by the function.
@@ -37,6 +40,8 @@ class Lowered:
     updates: indices into ``state.leaves`` of the leaves the function changes.
     state_types, arg_types, output_types: the MLIR tensor types at the boundary.
     sites: every op of the program, with its source line, for target checks.
+    target: the target whose StableHLO rewrites were applied, or None (as JAX lowered it).
+    rewrites: ``{rewrite: ops changed}`` for that target (see ``compile/_rewrites.py``).
   """
 
   name: str
@@ -54,6 +59,8 @@ class Lowered:
   arg_types: tuple[str, ...]
   output_types: tuple[str, ...]
   sites: tuple[OpSite, ...]
+  target: str | None = None
+  rewrites: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def signature(self) -> str:
     """A readable signature, e.g. ``MLP.__call__(args[0]: float32[3, 2]) -> (outputs[0]: float32[3, 5])``."""
@@ -139,6 +146,7 @@ def lower_function(
   model_name: str,
   method: str | None = None,
   object_keys: tuple[str, ...] | None = None,
+  target: Target | None = None,
 ) -> Lowered:
   """Lowers ``fn(*objects, *args)`` on the objects ``graphdef`` and ``state`` describe.
 
@@ -150,6 +158,7 @@ def lower_function(
     model_name: the class name shown in signatures.
     method: the method name shown in signatures (default: ``name``).
     object_keys: for a dict of objects, the order in which ``fn`` takes them.
+    target: apply this target's StableHLO rewrites (None: the module as JAX lowered it).
   """
   layout = StateLayout.of(state)
   changed: list[int] = []
@@ -158,7 +167,9 @@ def lower_function(
   shapes = jax.eval_shape(lambda *a: a, *args)
   traced = jax.jit(pure, keep_unused=True).lower(layout.flatten(state), *shapes)
   module = traced.compiler_ir("stablehlo")
-  mlir, sites = clean_for_iree(module)
+  sites = clean_for_iree(module, scope=name)
+  rewrites = _rewrites.apply(module, target.rewrites) if target is not None else {}
+  mlir = module_text(module)
   main_type = _main_function_type(module)
   num_state, num_outputs = len(layout.leaves), len(main_type.results) - len(changed)
   outputs, _ = traced.out_info
@@ -178,6 +189,8 @@ def lower_function(
     arg_types=tuple(str(t) for t in main_type.inputs[num_state:]),
     output_types=tuple(str(t) for t in main_type.results[:num_outputs]),
     sites=sites,
+    target=target.name if target is not None else None,
+    rewrites=rewrites,
   )
 
 
@@ -197,16 +210,18 @@ def model_name_of(objects: Any) -> str:
   return type(objects).__name__
 
 
-def lower(model: nnx.Module, /, *args: Any, method: str = "__call__") -> Lowered:
-  """Lowers ``model.<method>(*args)`` with its state to StableHLO.
+def lower(model: nnx.Module, /, *args: Any, method: str = "__call__", target: str | None = None) -> Lowered:
+  """Lowers ``model.<method>(*args)`` with its state to StableHLO, to read before compiling.
 
   The model is split once; its current mode (``model.train()`` / ``model.eval()``)
-  is part of the GraphDef and so of the lowered program.
+  is part of the GraphDef and so of the lowered program. :func:`export` compiles it.
 
   Args:
     model: the NNX module.
     *args: example inputs (arrays or ``jax.ShapeDtypeStruct``), fixing shapes and dtypes.
     method: the method to lower.
+    target: show the StableHLO as compiled for this target, with its rewrites
+      (e.g. ``"metal"``); None shows it as JAX lowered it.
 
   Returns:
     The :class:`Lowered` program.
@@ -220,4 +235,7 @@ def lower(model: nnx.Module, /, *args: Any, method: str = "__call__") -> Lowered
   graphdef, state = nnx.split(model)
   name = f"{type(model).__name__}_{method.strip('_')}"
   model_name = type(model).__name__
-  return lower_function(graphdef, state, method_caller(method), args, name=name, model_name=model_name, method=method)
+  resolved = get_target(target) if target is not None else None
+  return lower_function(
+    graphdef, state, method_caller(method), args, name=name, model_name=model_name, method=method, target=resolved
+  )

@@ -17,8 +17,9 @@ import numpy as np
 import treescope
 from flax import nnx
 
-from ._artifact import Artifact, path_name
-from ._program import Program
+from ._errors import ArtifactError
+from .runtime import Artifact, Program
+from .runtime._manifest import path_name
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; }
@@ -74,11 +75,11 @@ def replay(program: Program, model: nnx.Module, calls: Sequence[tuple[str, tuple
   for index, (name, args) in enumerate(calls):
     spec = program.artifact.functions[name]
     got = program.functions[name](*args)
-    if spec.get("method") is None:
+    if spec.method is None:
       continue
-    if spec["mode"]:
-      getattr(model, spec["mode"])()
-    want = getattr(model, spec["method"])(*args)
+    if spec.mode:
+      getattr(model, spec.mode)()
+    want = getattr(model, spec.method)(*args)
     for leaf, (got_leaf, want_leaf) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)):
       rows.append(Parity(f"call {index}: {name} output {leaf}", "output", *_errors(got_leaf, want_leaf)))
   compiled = dict(nnx.to_flat_state(program.state()))
@@ -96,14 +97,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], row_class: str 
 
 def _state_section(artifact) -> str:
   by_type: dict[str, list] = {}
-  for entry in artifact.state:
-    by_type.setdefault(entry["variable_type"], []).append(entry)
+  for variable in artifact.state:
+    by_type.setdefault(variable.variable_type, []).append(variable)
   parts = []
-  for variable_type, entries in sorted(by_type.items()):
+  for variable_type, variables in sorted(by_type.items()):
     rows = [
-      (html.escape(e["name"]), html.escape(f"{e['dtype']}{e['shape']}"), html.escape(e["global"])) for e in entries
+      (html.escape(v.name), html.escape(f"{v.dtype}{list(v.shape)}"), html.escape(v.global_name)) for v in variables
     ]
-    parts.append(f"<h3>{html.escape(variable_type)} ({len(entries)})</h3>" + _table(["path", "type", "global"], rows))
+    parts.append(f"<h3>{html.escape(variable_type)} ({len(variables)})</h3>" + _table(["path", "type", "global"], rows))
   return "".join(parts)
 
 
@@ -115,26 +116,36 @@ def _parity_section(parity: list[Parity] | None, tolerance: float) -> str:
   rows = []
   for p in parity:
     mark = ' class="bad"' if p.max_abs > tolerance else ""
-    rows.append((html.escape(p.name), p.variable_type, f"<span{mark}>{p.max_abs:.3g}</span>", f"{p.max_rel:.3g}"))
+    rows.append((html.escape(p.name), html.escape(p.variable_type), f"<span{mark}>{p.max_abs:.3g}</span>", f"{p.max_rel:.3g}"))
   return _table(["variable or output", "kind", "max abs error", "max rel error"], rows, row_class="parity")
 
 
 def _functions_section(artifact) -> str:
   parts = []
   for name, spec in artifact.functions.items():
-    inputs = ", ".join(f"{i['name']}: {i['dtype']}{i['shape']}" for i in spec["inputs"])
-    outputs = ", ".join(f"{o['dtype']}{o['shape']}" for o in spec["outputs"])
     parts.append(
-      f"<h3>{html.escape(name)}</h3><p><code>{html.escape(f'{name}({inputs}) -> ({outputs})')}</code><br>"
-      f"{spec['dispatch_count']} dispatches per call; writes back {len(spec['updates'])} state variables: "
-      f"{html.escape(', '.join(spec['updates']) or 'none')}</p>"
+      f"<h3>{html.escape(name)}</h3><p><code>{html.escape(spec.signature())}</code><br>"
+      f"{spec.dispatch_count} dispatches per call; writes back {len(spec.updates)} state variables: "
+      f"{html.escape(', '.join(spec.updates) or 'none')}</p>"
     )
-    for executable in spec.get("executables", []):
+    for executable in spec.executables:
       source = artifact.files.get(f"msl/{executable}.metal")
       if source is not None:
         summary = f"<summary>MSL of {html.escape(executable)}</summary>"
-        parts.append(f"<details>{summary}<pre>{html.escape(source.decode())}</pre></details>")
+        parts.append(f"<details>{summary}<pre>{html.escape(source.decode(errors='replace'))}</pre></details>")
   return "".join(parts)
+
+
+def _saved_state(artifact: Artifact) -> Any:
+  """The artifact's state as an nnx.State, or as arrays by path where a Variable type is not registered here."""
+  try:
+    return artifact.saved_state()
+  except ArtifactError:
+    return {v.name: artifact.params[v.global_name] for v in artifact.state}
+
+
+def _versions(versions: dict[str, str]) -> str:
+  return ", ".join(f"{name} {version}" for name, version in sorted(versions.items()))
 
 
 def write_report(
@@ -158,13 +169,13 @@ def write_report(
     tolerance: max abs error above which a parity cell is highlighted.
   """
   parity = replay(program, model, calls) if model is not None and program is not None else None
-  rendered = treescope.render_to_html(model if model is not None else artifact.saved_state(), compressed=False)
+  rendered = treescope.render_to_html(model if model is not None else _saved_state(artifact), compressed=False)
   manifest = artifact.manifest
-  title = f"{manifest['model']} for {manifest['target']['name']}"
+  title = f"{manifest.model} for {manifest.target.name}"
   body = [
     f"<h1>{html.escape(title)}</h1>",
-    f"<p>iree {manifest['versions']['iree-base-compiler']}, jax {manifest['versions']['jax']}, "
-    f"flax {manifest['versions']['flax']}; flags <code>{html.escape(' '.join(manifest['flags']))}</code></p>",
+    f"<p>{html.escape(_versions(manifest.versions))}; flags <code>{html.escape(' '.join(manifest.flags))}</code>; "
+    f"SPIR-V race check: {html.escape(manifest.hazard_check)}</p>",
     f'<section id="model"><h2>Model</h2>{rendered}</section>',
     f'<section id="state"><h2>State by Variable type</h2>{_state_section(artifact)}</section>',
     f'<section id="parity"><h2>Parity: eager against compiled</h2>{_parity_section(parity, tolerance)}</section>',

@@ -20,17 +20,37 @@ _SHARDING_CALLS = frozenset({"Sharding", "SPMDFullToShardShape", "SPMDShardToFul
 
 @dataclasses.dataclass(frozen=True)
 class OpSite:
-  """An op of interest in a lowered program.
+  """An op of a lowered program and where it came from.
 
   Attributes:
-    op: the op, e.g. ``stablehlo.custom_call @my_kernel`` or ``stablehlo.add``.
-    location: where JAX traced it from (Python file:line where known).
+    op: the op, e.g. ``stablehlo.custom_call @my_kernel`` or ``stablehlo.reduce``.
+    frames: the Python ``file:line:col`` it was traced from, innermost first.
     element_types: the element types of its operands and results.
   """
 
   op: str
-  location: str
+  frames: tuple[str, ...]
   element_types: tuple[str, ...]
+
+  @property
+  def location(self) -> str:
+    return self.frames[0] if self.frames else "an unknown location"
+
+  def describe(self) -> str:
+    """``stablehlo.reduce at model.py:12:4 (called from train.py:30:8)``."""
+    called = f" (called from {', '.join(self.frames[1:3])})" if len(self.frames) > 1 else ""
+    return f"{self.op} at {self.location}{called}"
+
+
+# Each op's location is tagged with its function and index in the sites, so that
+# the kernels IREE forms from it can be traced back (see _iree.py).
+SITE_TAG = "nnx@"
+
+
+def site_tags(text: str) -> list[tuple[str, int]]:
+  """The ``(scope, index)`` of every site tag in ``text``, in order of first appearance."""
+  found = dict.fromkeys((scope, int(i)) for scope, i in re.findall(rf"{SITE_TAG}([\w.$]+)@(\d+)", text))
+  return list(found)
 
 
 def _element_types(op: ir.Operation) -> tuple[str, ...]:
@@ -41,11 +61,9 @@ def _element_types(op: ir.Operation) -> tuple[str, ...]:
   return tuple(types)
 
 
-def _source_line(location: ir.Location) -> str:
-  """The innermost ``file.py:line`` of a JAX location, or the raw location."""
-  text = str(location)
-  match = re.search(r'"([^"]+\.py)":(\d+)', text)
-  return f"{match.group(1)}:{match.group(2)}" if match else text
+def frames(location: ir.Location | str) -> tuple[str, ...]:
+  """The ``file:line:col`` frames of a JAX location, innermost first."""
+  return tuple(f"{file}:{line}:{column}" for file, line, column in re.findall(r'"([^"]+)":(\d+):(\d+)', str(location)))
 
 
 def _op_label(op: ir.Operation) -> str:
@@ -79,10 +97,10 @@ def _strip_sdy_attributes(op: ir.Operation) -> None:
       op.attributes[list_name] = ir.ArrayAttr.get([_strip_dict_attr(a) for a in attrs])
 
 
-def clean_for_iree(module: ir.Module) -> tuple[str, tuple[OpSite, ...]]:
-  """Removes single-device sharding annotations; returns the text and every op's site.
+def clean_for_iree(module: ir.Module, scope: str = "main") -> tuple[OpSite, ...]:
+  """Removes single-device sharding annotations and tags every op with its site; returns the sites.
 
-  ``module`` is modified in place (pass a fresh ``Lowered.compiler_ir()``).
+  Op ``i`` is tagged ``nnx@<scope>@<i>`` (see :func:`site_tags`). ``module`` is modified in place.
   """
   noops, sites = [], []
 
@@ -91,7 +109,8 @@ def clean_for_iree(module: ir.Module) -> tuple[str, tuple[OpSite, ...]]:
     if op.name == "sdy.mesh" or _is_sharding_noop(op):
       noops.append(op)
     elif op.name not in ("builtin.module", "func.func"):
-      sites.append(OpSite(_op_label(op), _source_line(op.location), _element_types(op)))
+      op.location = ir.Location.name(f"{SITE_TAG}{scope}@{len(sites)}", childLoc=op.location)
+      sites.append(OpSite(_op_label(op), frames(op.location), _element_types(op)))
     _strip_sdy_attributes(op)
     return ir.WalkResult.ADVANCE
 
@@ -101,7 +120,13 @@ def clean_for_iree(module: ir.Module) -> tuple[str, tuple[OpSite, ...]]:
       if op.results:
         op.results[0].replace_all_uses_with(op.operands[0])
       op.erase()
-  return module.operation.get_asm(enable_debug_info=False), tuple(sites)
+  return tuple(sites)
+
+
+def module_text(module: ir.Module | ir.Operation) -> str:
+  """The text iree-compile gets: with every op's location inline, so its errors point at Python lines."""
+  operation = module.operation if hasattr(module, "operation") else module
+  return operation.get_asm(enable_debug_info=True, use_local_scope=True)
 
 
 def check_target_support(sites: tuple[OpSite, ...], target: Target) -> None:
@@ -114,14 +139,14 @@ def check_target_support(sites: tuple[OpSite, ...], target: Target) -> None:
   for site in sites:
     if site.op.startswith("stablehlo.custom_call"):
       raise UnsupportedOpError(
-        f"`{site.op}` at {site.location} cannot be compiled for target {target.name!r}: "
+        f"`{site.describe()}` cannot be compiled for target {target.name!r}: "
         "IREE has no implementation of this custom call. Replace the function that "
         "emits it (a jax.ffi call or a backend-specific kernel) with jax.numpy/lax ops."
       )
     for element_type in site.element_types:
       if any(element_type.startswith(bad) for bad in target.unsupported_types):
         raise UnsupportedOpError(
-          f"`{site.op}` at {site.location} uses element type {element_type}, which target "
+          f"`{site.describe()}` uses element type {element_type}, which target "
           f"{target.name!r} does not support. Convert to a type IREE supports "
           "(e.g. float8_e4m3fn or bfloat16) before this op."
         )
@@ -140,4 +165,4 @@ def embeddable_functions(module: ir.Module, *, prefix: str) -> str:
       ir.SymbolTable.replace_all_symbol_uses(name, f"{prefix}.{name}", module.operation)
       ir.SymbolTable.set_symbol_name(op, f"{prefix}.{name}")
       ir.SymbolTable.set_visibility(op, "private")
-    return "\n".join(op.get_asm(enable_debug_info=False) for op in functions)
+    return "\n".join(module_text(op) for op in functions)

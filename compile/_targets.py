@@ -1,6 +1,16 @@
-"""The compile targets: each names its iree-compile backend, its runtime drivers and its flags."""
+"""The compile targets: each names its IREE backend, runtime drivers, flags and the rewrites its code generation needs.
+
+``metal-vulkan`` is the Metal stand-in: the Metal target's own device description
+(capabilities, 8/16-bit storage, limits) compiled by the Vulkan backend, with the
+subgroup width lavapipe really executes, so Metal's code generation runs on Mesa's
+CPU Vulkan driver (see ``docs/metal-correctness.md``).
+
+Imports the standard library only; descriptions are asked of iree-compile when needed.
+"""
 
 import dataclasses
+import functools
+import re
 import shutil
 
 from ._errors import UnknownTargetError
@@ -8,6 +18,11 @@ from ._errors import UnknownTargetError
 # IREE's HAL has no element type for these MX float formats (iree-compile 3.13
 # fails with "'hal.element_type' op unsupported element type" on every target).
 _NO_HAL_ELEMENT_TYPE = ("f4E2M1FN", "f6E2M3FN", "f6E3M2FN")
+# The SPIR-V rewrites of compile/_rewrites.py, in the order they run.
+SPIRV_REWRITES = ("split_grouped_convolutions", "isolate_reductions")  # TODO(bf16): widen_bfloat16 first
+# lavapipe (Mesa 22.3) runs subgroup operations over at most 16 lanes: with
+# LP_NATIVE_VECTOR_WIDTH=1024 it reports 32 but a subgroup reduction adds only 16.
+STANDIN_SUBGROUP_SIZE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,13 +30,17 @@ class Target:
   """One IREE compile target.
 
   Attributes:
-    name: nnx-metal's name for it (``metal``, ``cpu``, ``vulkan``, ``cuda``).
+    name: nnx-metal's name for it (``metal``, ``metal-vulkan``, ``vulkan``, ``cpu``, ``cuda``).
     backend: the iree-compile HAL backend.
     drivers: iree-runtime drivers that can run its modules, preferred first.
     flags: the iree-compile flags that select it.
-    demote_f64: whether f64 is demoted to f32 (see ``docs/dtypes.md``).
-    unsupported_types: MLIR element types the target cannot compile at all.
-    spirv: whether its dispatches go through SPIR-V (dumped and validated).
+    demote_f64: whether f64 is held as f32 (see ``docs/dtypes.md``).
+    unsupported_types: MLIR element types it cannot compile at all.
+    spirv: whether its kernels are SPIR-V (dumped, validated, checked for races).
+    rewrites: the StableHLO rewrites its code generation needs (``compile/_rewrites.py``).
+    description: for a SPIR-V target, the IREE GPU target description to compile with
+      instead of the backend's default (the stand-in), else None.
+    subgroup_size: the subgroup width its kernels assume, where the runtime must check it.
   """
 
   name: str
@@ -31,6 +50,9 @@ class Target:
   demote_f64: bool = False
   unsupported_types: tuple[str, ...] = _NO_HAL_ELEMENT_TYPE
   spirv: bool = False
+  rewrites: tuple[str, ...] = ()
+  description: str | None = None
+  subgroup_size: int | None = None
 
 
 # Apple GPUs have no f64: on the SPIR-V targets f64 is demoted to f32 at compile
@@ -43,6 +65,31 @@ _DEMOTE_F64 = ("--iree-input-demote-f64-to-f32",)
 _KEEP_F64 = ("--iree-input-demote-f64-to-f32=false",)
 
 METAL_PLATFORMS = ("macos", "ios")
+TARGET_NAMES = ("metal", "metal-vulkan", "vulkan", "cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeInfo:
+  """What running a target's modules needs to know, without a compiler.
+
+  Attributes:
+    drivers: iree-runtime drivers that can run its modules, preferred first.
+    demote_f64: whether the device holds f64 as f32.
+    subgroup_size: the subgroup width its kernels assume, where the device must be checked.
+  """
+
+  drivers: tuple[str, ...]
+  demote_f64: bool
+  subgroup_size: int | None = None
+
+
+RUNTIME = {
+  "metal": RuntimeInfo(("metal",), True),
+  "metal-vulkan": RuntimeInfo(("vulkan",), True, STANDIN_SUBGROUP_SIZE),
+  "vulkan": RuntimeInfo(("vulkan",), True),
+  "cpu": RuntimeInfo(("local-sync", "local-task"), False),
+  "cuda": RuntimeInfo(("cuda",), False),
+}
 
 
 def _metal(platform: str) -> Target:
@@ -51,79 +98,121 @@ def _metal(platform: str) -> Target:
   # Without Apple's `metal` toolchain IREE embeds MSL source, which the Metal
   # driver compiles on first load; with it, a precompiled .metallib.
   has_metal_toolchain = shutil.which("xcrun") is not None and shutil.which("metal") is not None
-  return Target(
-    name="metal",
-    backend="metal-spirv",
-    drivers=("metal",),
-    flags=(
-      "--iree-hal-target-backends=metal-spirv",
-      f"--iree-metal-target-platform={platform}",
-      f"--iree-metal-compile-to-metallib={'true' if has_metal_toolchain else 'false'}",
-      *_DEMOTE_F64,
-    ),
-    demote_f64=True,
-    spirv=True,
+  flags = (
+    "--iree-hal-target-backends=metal-spirv",
+    f"--iree-metal-target-platform={platform}",
+    f"--iree-metal-compile-to-metallib={'true' if has_metal_toolchain else 'false'}",
+    *_DEMOTE_F64,
   )
+  return Target("metal", "metal-spirv", RUNTIME["metal"].drivers, flags, True, spirv=True, rewrites=SPIRV_REWRITES)
+
+
+def _metal_vulkan() -> Target:
+  description = re.sub(
+    r"subgroup_size_choices = \[\d+\]", f"subgroup_size_choices = [{STANDIN_SUBGROUP_SIZE}]", metal_description()
+  )
+  return Target(
+    "metal-vulkan",
+    "vulkan-spirv",
+    RUNTIME["metal-vulkan"].drivers,
+    _DEMOTE_F64,
+    True,
+    spirv=True,
+    rewrites=SPIRV_REWRITES,
+    description=description,
+    subgroup_size=STANDIN_SUBGROUP_SIZE,
+  )
+
+
+def _vulkan(vulkan_target: str | None) -> Target:
+  selected = (f"--iree-vulkan-target={vulkan_target}",) if vulkan_target else ()
+  flags = ("--iree-hal-target-backends=vulkan-spirv", *selected, *_DEMOTE_F64)
+  return Target("vulkan", "vulkan-spirv", RUNTIME["vulkan"].drivers, flags, True, spirv=True, rewrites=SPIRV_REWRITES)
 
 
 def _cpu() -> Target:
-  return Target(
-    name="cpu",
-    backend="llvm-cpu",
-    drivers=("local-sync", "local-task"),
-    flags=(
-      "--iree-hal-target-device=local",
-      "--iree-hal-local-target-device-backends=llvm-cpu",
-      "--iree-llvmcpu-target-cpu=host",
-      *_KEEP_F64,
-    ),
+  flags = (
+    "--iree-hal-target-device=local",
+    "--iree-hal-local-target-device-backends=llvm-cpu",
+    "--iree-llvmcpu-target-cpu=host",
+    *_KEEP_F64,
   )
-
-
-def _vulkan() -> Target:
-  return Target(
-    name="vulkan",
-    backend="vulkan-spirv",
-    drivers=("vulkan",),
-    flags=("--iree-hal-target-backends=vulkan-spirv", *_DEMOTE_F64),
-    demote_f64=True,
-    spirv=True,
-  )
+  return Target("cpu", "llvm-cpu", RUNTIME["cpu"].drivers, flags)
 
 
 def _cuda(arch: str) -> Target:
-  return Target(
-    name="cuda",
-    backend="cuda",
-    drivers=("cuda",),
-    flags=("--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}", *_KEEP_F64),
-  )
+  return Target("cuda", "cuda", RUNTIME["cuda"].drivers, ("--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}", *_KEEP_F64))
 
 
-TARGET_NAMES = ("metal", "cpu", "vulkan", "cuda")
-
-
-def get_target(name: str | Target, *, metal_platform: str = "macos", cuda_arch: str = "sm_80") -> Target:
+def get_target(
+  name: str | Target,
+  *,
+  metal_platform: str = "macos",
+  cuda_arch: str = "sm_80",
+  vulkan_target: str | None = None,
+) -> Target:
   """Returns the :class:`Target` called ``name``.
 
   Args:
-    name: one of ``metal``, ``cpu``, ``vulkan``, ``cuda`` (or a Target, returned as is).
+    name: one of ``metal``, ``metal-vulkan``, ``vulkan``, ``cpu``, ``cuda`` (or a Target, returned as is).
     metal_platform: ``macos`` or ``ios``, for ``metal``.
     cuda_arch: the GPU architecture for ``cuda``. iree-compile 3.13 knows up to
       ``sm_89`` (no ``sm_90`` target description, iree-org/iree#22147); PTX built
       for ``sm_80`` is JIT-compiled forward by the driver on Hopper and later GPUs.
+    vulkan_target: for ``vulkan``, an IREE Vulkan target (``valhall4``, ``rdna3``,
+      ``ampere``, ...); default IREE's portable ``vp_android_baseline_2022`` profile.
 
   Raises:
     UnknownTargetError: ``name`` is not a known target.
   """
   if isinstance(name, Target):
     return name
-  if name == "metal":
-    return _metal(metal_platform)
-  if name == "cpu":
-    return _cpu()
-  if name == "vulkan":
-    return _vulkan()
-  if name == "cuda":
-    return _cuda(cuda_arch)
-  raise UnknownTargetError(f"Unknown target {name!r}; expected one of {', '.join(TARGET_NAMES)}.")
+  makers = {
+    "metal": lambda: _metal(metal_platform),
+    "metal-vulkan": _metal_vulkan,
+    "vulkan": lambda: _vulkan(vulkan_target),
+    "cpu": _cpu,
+    "cuda": lambda: _cuda(cuda_arch),
+  }
+  if name not in makers:
+    raise UnknownTargetError(f"Unknown target {name!r}; expected one of {', '.join(TARGET_NAMES)}.")
+  return makers[name]()
+
+
+_PROBE = "func.func @main(%a: tensor<4xf32>) -> tensor<4xf32> {\n  return %a : tensor<4xf32>\n}"
+
+
+@functools.cache
+def _description_for(flags: tuple[str, ...]) -> str:
+  from iree import compiler as ireec
+
+  probe = _PROBE.replace("return %a", "%0 = stablehlo.add %a, %a : tensor<4xf32>\n  return %0")
+  text = ireec.compile_str(probe, input_type="stablehlo", extra_args=[*flags, "--compile-to=executable-sources"])
+  match = re.search(r"iree_codegen\.target_info = (#iree_gpu\.target<.*?>>)", text.decode())
+  if match is None:
+    raise UnknownTargetError(f"iree-compile reported no GPU target description for flags {' '.join(flags)}.")
+  return match.group(1)
+
+
+def metal_description() -> str:
+  """The IREE GPU target description the ``metal`` target compiles with (Apple GPUs)."""
+  return _description_for(("--iree-hal-target-backends=metal-spirv",))
+
+
+def description(target: Target) -> str | None:
+  """The IREE GPU target description ``target``'s kernels are compiled for; None where it is no SPIR-V target."""
+  if not target.spirv:
+    return None
+  if target.description is not None:
+    return target.description
+  return _description_for(tuple(f for f in target.flags if f.startswith(("--iree-hal-target-backends", "--iree-vulkan"))))
+
+
+def device_targets_attribute(target: Target) -> str | None:
+  """The ``hal.device.targets`` module attribute that selects ``target.description``, else None."""
+  if target.description is None:
+    return None
+  executable = (
+    f'#hal.executable.target<"{target.backend}", "vulkan-spirv-fb", {{iree_codegen.target_info = {target.description}}}>'
+  )
+  return f'hal.device.targets = [#hal.device.target<"vulkan", [{executable}]> : !hal.device]'

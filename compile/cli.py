@@ -20,8 +20,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ._artifact import Artifact
 from ._errors import NnxMetalError
+from ._hazards import find_races
+from ._targets import TARGET_NAMES
+from .runtime import Artifact, Program
 
 # Element type suffixes of --input, as iree-run-module spells them.
 _DTYPES = {
@@ -136,14 +138,12 @@ def build(options: argparse.Namespace) -> int:
     artifact = export(model, functions, target=options.target, cache=not options.no_cache)
   artifact.save(options.out)
   for name, spec in artifact.functions.items():
-    print(f"{name}: {spec['dispatch_count']} dispatches")
+    print(f"{name}: {spec.dispatch_count} dispatches")
   print(f"wrote {options.out}{' (compiled module from the cache)' if artifact.from_cache else ''}")
   return 0
 
 
 def run(options: argparse.Namespace) -> int:
-  from ._program import Program
-
   artifact = Artifact.open(options.artifact)
   if options.function not in artifact.functions:
     raise UsageError(f"{options.artifact} has no function {options.function!r}; it has {', '.join(artifact.functions)}")
@@ -170,18 +170,32 @@ def inspect(options: argparse.Namespace) -> int:
     print(f"wrote {options.html}")
     return 0
   if options.json:
-    print(json.dumps(manifest, indent=1))
+    print(manifest.to_json(), end="")
     return 0
-  print(f"{manifest['model']} for {manifest['target']['name']} (iree {manifest['versions']['iree-base-compiler']})")
+  print(f"{manifest.model} for {manifest.target.name} (iree {manifest.versions.get('iree-base-compiler', '?')})")
+  print(f"SPIR-V race check: {manifest.hazard_check}")
   print("functions:")
   for name, spec in artifact.functions.items():
-    inputs = ", ".join(f"{leaf['dtype']}{leaf['shape']}" for leaf in spec["inputs"])
-    outputs = ", ".join(f"{leaf['dtype']}{leaf['shape']}" for leaf in spec["outputs"])
-    print(f"  {name}({inputs}) -> ({outputs}): {spec['dispatch_count']} dispatches, updates {len(spec['updates'])}")
+    print(f"  {spec.signature()}: {spec.dispatch_count} dispatches, updates {len(spec.updates)}")
   print("state:")
-  for entry in artifact.state:
-    print(f"  {entry['name']:<40} {entry['variable_type']:<12} {entry['dtype']}{entry['shape']}")
+  for variable in artifact.state:
+    print(f"  {variable.name:<40} {variable.variable_type:<12} {variable.dtype}{list(variable.shape)}")
   return 0
+
+
+def check(options: argparse.Namespace) -> int:
+  """Re-checks the SPIR-V kernels an artifact ships for data races (exit 1 if any)."""
+  artifact = Artifact.open(options.artifact)
+  kernels = artifact.spirv()
+  if not kernels:
+    print(f"{options.artifact} holds no SPIR-V kernels (target {artifact.target}): nothing to check")
+    return 0
+  racy = {name: races for name, data in kernels.items() if (races := find_races(data))}
+  for name, races in racy.items():
+    for race in races:
+      print(f"{name}: {race.describe()}")
+  print(f"{len(kernels)} kernels checked, {len(racy)} may race")
+  return 1 if racy else 0
 
 
 def bench(options: argparse.Namespace) -> int:
@@ -208,7 +222,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--input", action="append", default=[], metavar="SHAPE", help="an input shape, e.g. 8x2xf32; repeat")
   p.add_argument("--method", default="__call__", help="the method to export (default __call__)")
   p.add_argument("--mode", choices=["train", "eval", "both"], default="both", help="NNX mode(s), one function each")
-  p.add_argument("--target", default="metal", choices=["metal", "cpu", "vulkan", "cuda"], help="default metal")
+  p.add_argument("--target", default="metal", choices=TARGET_NAMES, help="default metal")
   p.add_argument("--out", type=pathlib.Path, required=True, help="the artifact directory to write")
   p.add_argument("--no-cache", action="store_true", help="always run iree-compile")
   p.set_defaults(handler=build)
@@ -232,6 +246,15 @@ def make_parser() -> argparse.ArgumentParser:
     "--html", type=pathlib.Path, help="write the HTML report (treescope state, functions, MSL) to this file"
   )
   p.set_defaults(handler=inspect)
+
+  p = commands.add_parser(
+    "check",
+    help="re-check an artifact's SPIR-V kernels for data races",
+    description="Look for loads of workgroup or storage-buffer memory that another invocation stored to with no "
+    "barrier in between, in every SPIR-V kernel an artifact ships (spirv/). Exit status 1 if any may race.",
+  )
+  p.add_argument("artifact", type=pathlib.Path)
+  p.set_defaults(handler=check)
 
   p = commands.add_parser(
     "bench",

@@ -27,3 +27,10 @@ from ._vae import vae_optimizer as vae_optimizer
 from ._vae import vae_train_step as vae_train_step
 from ._zoo import ZOO as ZOO
 from ._zoo import ZooEntry as ZooEntry
+
+# Artifacts holding these Variable types rebuild them as nnx.State in any process
+# that imports nnx_models (artifacts never import classes by name).
+from compile.runtime import register_variable_type as _register  # noqa: E402
+
+for _variable_type in (Count, LoraParam, EmaParam):
+  _register(_variable_type)

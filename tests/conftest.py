@@ -1,14 +1,22 @@
-"""Shared test configuration: strict JAX, per-target tolerances, tree-aware comparisons, device gating."""
+"""Shared test configuration: strict JAX, lavapipe's lane width, per-target tolerances, tree-aware comparisons."""
 
 import os
 import shutil
 
-import jax
-import numpy as np
-import pytest
+# lavapipe reads its lane width when the Vulkan driver loads, so set it before any test
+# opens a device. 512 bits = 16 lanes, the widest lavapipe really runs subgroup operations
+# on, and the width the metal-vulkan stand-in is compiled for. `nox -s tests` runs the
+# vulkan tests a second time at lavapipe's default 8 lanes (LP_NATIVE_VECTOR_WIDTH=256).
+os.environ.setdefault("LP_NATIVE_VECTOR_WIDTH", "512")
+os.environ.setdefault("MESA_SHADER_CACHE_DISABLE", "true")  # Mesa's cache ignores the lane width
 
-import compile as nnxc
-from compile._device import open_device
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import compile as nnxc  # noqa: E402
+from compile._targets import RUNTIME  # noqa: E402
+from compile.runtime._device import open_device  # noqa: E402
 
 # Mixed-dtype arithmetic must be explicit (the guide models broadcast ranks, so rank promotion stays on).
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -18,9 +26,15 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # The check is normwise per leaf, |a - b| <= atol + rtol * max|b|: rounding error
 # scales with the magnitudes summed, not with each result (StackedMLP in eval mode
 # sums activations of ~1e7 into outputs near 0). Integers, keys and counts must match exactly.
-TOLERANCES = {"cpu": dict(rtol=2e-5, atol=2e-5), "vulkan": dict(rtol=2e-5, atol=2e-5)}
+TOLERANCES = {
+  "cpu": dict(rtol=2e-5, atol=2e-5),
+  "vulkan": dict(rtol=2e-5, atol=2e-5),
+  "metal-vulkan": dict(rtol=2e-5, atol=2e-5),
+}
+# The targets a test can run here, on lavapipe (vulkan) and IREE's CPU drivers.
+RUNNABLE = ["cpu", "vulkan", "metal-vulkan"]
 
-# CI sets NNX_METAL_REQUIRE="vulkan,spirv-val": there a missing one fails instead of skipping.
+# CI sets NNX_METAL_REQUIRE="vulkan,metal-vulkan,spirv-val,...": there a missing one fails instead of skipping.
 REQUIRED = {name for name in os.environ.get("NNX_METAL_REQUIRE", "").split(",") if name}
 
 
@@ -31,18 +45,28 @@ def skip_or_fail(name: str, reason: str):
 
 
 def require_device(target: str) -> None:
-  """Skips (or fails, where required) when ``target``'s runtime device is missing."""
+  """Skips (or fails, where required) when ``target``'s runtime device is missing or misconfigured."""
+  runtime = RUNTIME[target]
   try:
-    open_device(nnxc.get_target(target).drivers[0])
+    open_device(runtime.drivers[0], subgroup_size=runtime.subgroup_size)
   except nnxc.DeviceUnavailableError as e:
     skip_or_fail(target, f"no {target} device: {e}")
 
 
-def require_spirv_val() -> str:
-  path = shutil.which("spirv-val")
+def spirv_tool(name: str) -> str:
+  """The path of a SPIRV-Tools program (spirv-val, spirv-as, spirv-dis)."""
+  path = shutil.which(name)
   if path is None:
-    skip_or_fail("spirv-val", "spirv-val not installed (Debian package spirv-tools)")
+    skip_or_fail("spirv-val", f"{name} not installed (Debian package spirv-tools)")
   return path
+
+
+def pytest_collection_modifyitems(items):
+  """Marks each test parametrized over a target with ``target_<name>``, e.g. ``-m target_vulkan``."""
+  for item in items:
+    target = getattr(item, "callspec", None) and item.callspec.params.get("target")
+    if isinstance(target, str):
+      item.add_marker(f"target_{target.replace('-', '_')}")
 
 
 def _comparable(x):
@@ -63,9 +87,10 @@ def assert_trees_allclose(actual, expected, *, rtol: float, atol: float) -> None
     a, b = _comparable(a), _comparable(b)
     where = jax.tree_util.keystr(path)
     assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
-    if not np.issubdtype(b.dtype, np.inexact):
+    if not jax.numpy.issubdtype(b.dtype, jax.numpy.inexact):  # knows bfloat16
       np.testing.assert_array_equal(a, b, err_msg=where)
       continue
+    a, b = a.astype(np.float64), b.astype(np.float64)  # also bfloat16, which numpy's testing cannot take
     scale = float(np.max(np.abs(b), initial=0.0))
     np.testing.assert_allclose(a, b, rtol=0, atol=atol + rtol * scale, err_msg=f"{where} (max|expected| = {scale:.3g})")
 

@@ -1,0 +1,188 @@
+"""Running iree-compile on a module and reading back what it made: the module, its kernels and where they came from.
+
+The compile runs in two phases over one set of flags: to IREE's ``flow`` level
+(printed with debug locations), then from there to the module. The flow text tells
+how many kernels each function launches and which StableHLO ops every kernel was
+formed from (each op carries a site tag, see ``_stablehlo.py``), at no extra cost:
+the two phases produce the same module as one. Kernel binaries (and, for Metal,
+the SPIR-V it was translated from) are dumped into a temporary directory whose
+path never reaches the module, so builds are byte-reproducible.
+"""
+
+import dataclasses
+import pathlib
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+
+from iree import compiler as ireec
+
+from ._errors import CompileError
+from ._stablehlo import OpSite, site_tags
+from ._targets import Target, device_targets_attribute
+
+
+@dataclasses.dataclass(frozen=True)
+class Binary:
+  """What iree-compile made of one MLIR module.
+
+  Attributes:
+    vmfb: the IREE module (VM flatbuffer).
+    flags: the full iree-compile flags used.
+    dispatches: the names of its kernels, ``<function>_dispatch_<n>``.
+    msl: ``{kernel: Metal Shading Language source}``, for ``metal``.
+    spirv: ``{kernel: SPIR-V binary}``, for the SPIR-V targets.
+    compile_seconds: wall time of iree-compile.
+    calls: kernels launched per call of each public function.
+    origins: ``{kernel: [(scope, site index), ...]}``: the StableHLO ops it was formed from.
+  """
+
+  vmfb: bytes
+  flags: tuple[str, ...]
+  dispatches: tuple[str, ...]
+  msl: dict[str, str]
+  spirv: dict[str, bytes]
+  compile_seconds: float
+  calls: dict[str, int]
+  origins: dict[str, list[tuple[str, int]]]
+
+
+# iree-org/iree#24753 (open, since IREE 3.12): modules with a stablehlo.while fail at
+# run time with "indirect buffer reference slot 0 is out range of the declared binding
+# capacity", from command buffers recorded with indirect bindings: memoized ones (per
+# call) and those of constant expressions hoisted into initializers (at load). Turning
+# off only one or two of the three features below left other programs failing. JAX
+# emits while loops for fori_loop/scan and inside its threefry PRNG (Dropout), so such
+# modules turn all three off; loop-free modules keep them.
+_WHILE_LOOP_FLAGS = (
+  "--iree-hal-memoization=false",
+  "--iree-hal-indirect-command-buffers=false",
+  "--iree-opt-const-expr-hoisting=false",
+)
+
+
+def module_flags(mlir: str, target: Target, extra_flags: tuple[str, ...] = ()) -> tuple[str, ...]:
+  """Every iree-compile flag ``compile_module`` uses for ``mlir`` on ``target``."""
+  workarounds = _WHILE_LOOP_FLAGS if "stablehlo.while" in mlir else ()
+  return (*target.flags, *workarounds, *extra_flags)
+
+
+def _with_device_targets(mlir: str, target: Target) -> str:
+  """Selects ``target.description`` by a ``hal.device.targets`` attribute on the module (the stand-in)."""
+  attribute = device_targets_attribute(target)
+  if attribute is None:
+    return mlir
+  header = re.search(r"^module @[\w$.]+( attributes \{)?", mlir, re.MULTILINE)
+  if header is None:
+    raise ValueError("the MLIR has no named top-level module")
+  if header.group(1):
+    return f"{mlir[: header.end()]}{attribute}, {mlir[header.end() :]}"
+  return f"{mlir[: header.end()]} attributes {{{attribute}}}{mlir[header.end() :]}"
+
+
+def _culprit(diagnostics: str, sites: Mapping[str, tuple[OpSite, ...]]) -> str:
+  """``'<error>' at <StableHLO op> at <file:line>`` for the first error iree-compile printed."""
+  match = re.search(r"^(\S+:\d+:\d+): error: (.*)$", diagnostics, re.MULTILINE)
+  if match is None:
+    return ""
+  location, error = match.groups()
+  ops = [site.describe() for scope in sites.values() for site in scope if site.frames[:1] == (location,)]
+  where = "; ".join(dict.fromkeys(ops)) or location
+  return f"{error.strip()}\n  at {where}\n"
+
+
+def _run(text: str, flags: list[str], target: Target, sites: Mapping[str, tuple[OpSite, ...]]) -> bytes:
+  try:
+    return ireec.compile_str(text, input_type="stablehlo", extra_args=flags)
+  except ireec.CompilerToolError as e:
+    diagnostics = str(e)
+    raise CompileError(target.name, flags, diagnostics, culprit=_culprit(diagnostics, sites)) from None
+
+
+def _dispatch_name(path: pathlib.Path, module_name: str) -> str:
+  # <module>_<function>_dispatch_3_metal_msl_fb0.metal -> <function>_dispatch_3
+  stem = path.stem.removeprefix(f"{module_name}_")
+  match = re.match(r"(.*?_dispatch_\d+)", stem)
+  return match.group(1) if match else stem
+
+
+def _natural(name: str) -> list:
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _read_dumps(dump: pathlib.Path, module_name: str) -> tuple[tuple[str, ...], dict[str, str], dict[str, bytes]]:
+  binaries = sorted((dump / "binaries").glob("*"))
+  dispatches = tuple(sorted({_dispatch_name(p, module_name) for p in binaries}, key=_natural))
+  msl = {_dispatch_name(p, module_name): p.read_text() for p in binaries if p.suffix == ".metal"}
+  # Metal keeps the SPIR-V it translated to MSL as an intermediate; Vulkan ships it as the binary.
+  spv_files = [*sorted((dump / "intermediates").glob("*.spv")), *(p for p in binaries if p.suffix == ".spv")]
+  spirv = {_dispatch_name(p, module_name): p.read_bytes() for p in spv_files}
+  return dispatches, msl, spirv
+
+
+def _dispatch_calls(flow: str) -> dict[str, int]:
+  """``flow.dispatch`` ops per public function: the kernels each launches per call.
+
+  Executables are deduplicated across functions (and named after the first user),
+  so counting them per name undercounts; the flow-level calls are what each launches.
+  """
+  calls, function = {}, None
+  for line in flow.splitlines():
+    header = re.match(r"\s*(?:util|func)\.func public @([\w$.]+)\(", line)
+    if header:
+      function = header.group(1)
+      calls[function] = 0
+    elif function is not None and "flow.dispatch @" in line:
+      calls[function] += 1
+  return calls
+
+
+def _origins(flow: str) -> dict[str, list[tuple[str, int]]]:
+  """The site tags inside each ``flow.executable``: the StableHLO ops each kernel was formed from."""
+  starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\s*flow\.executable (?:private )?@([\w$.]+)", flow, re.M)]
+  ends = [start for start, _ in starts[1:]] + [len(flow)]
+  return {name: site_tags(flow[start:end]) for (start, name), end in zip(starts, ends, strict=True)}
+
+
+def compile_module(
+  mlir: str,
+  module_name: str,
+  target: Target,
+  extra_flags: tuple[str, ...] = (),
+  *,
+  sites: Mapping[str, tuple[OpSite, ...]] | None = None,
+) -> Binary:
+  """Runs iree-compile on ``mlir`` (StableHLO, possibly with util globals) for ``target``.
+
+  Args:
+    mlir: the module, its ops tagged with their sites (see ``_stablehlo.clean_for_iree``).
+    module_name: the module's symbol name (dump files start with it).
+    target: what to compile for.
+    extra_flags: more iree-compile flags, appended.
+    sites: ``{scope: sites}`` of the lowered functions, to name the op behind an error.
+
+  Raises:
+    CompileError: iree-compile failed; carries target, flags, diagnostics and the
+      StableHLO op and Python line the first error points at.
+  """
+  flags = list(module_flags(mlir, target, extra_flags))
+  sites = sites or {}
+  start = time.perf_counter()
+  flow = _run(_with_device_targets(mlir, target), [*flags, "--compile-to=flow", "--mlir-print-debuginfo"], target, sites)
+  with tempfile.TemporaryDirectory(prefix="nnx-metal-") as tmp:
+    dump = pathlib.Path(tmp)
+    dumps = [f"--iree-hal-dump-executable-binaries-to={dump / 'binaries'}"]
+    if target.backend == "metal-spirv":
+      dumps.append(f"--iree-hal-dump-executable-intermediates-to={dump / 'intermediates'}")
+    vmfb = _run(flow.decode(), [*flags, "--compile-from=flow", *dumps], target, sites)
+    seconds = time.perf_counter() - start
+    dispatches, msl, spirv = _read_dumps(dump, module_name)
+  flow_text = flow.decode()
+  return Binary(vmfb, tuple(flags), dispatches, msl, spirv, seconds, _dispatch_calls(flow_text), _origins(flow_text))
+
+
+def origin_sites(binary: Binary, dispatch: str, sites: Mapping[str, tuple[OpSite, ...]]) -> list[OpSite]:
+  """The StableHLO ops ``dispatch`` was formed from (for kernels shared by functions, the first function's)."""
+  return [sites[scope][index] for scope, index in binary.origins.get(dispatch, []) if scope in sites]
+

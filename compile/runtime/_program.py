@@ -1,0 +1,283 @@
+"""Programs: an artifact loaded on a device, its state resident there, its functions callable from Python.
+
+The core needs only numpy and iree.runtime; :meth:`Program.state`,
+:meth:`Program.load_state`, :meth:`Program.update` and :meth:`Program.functional`
+speak ``nnx.State`` and import flax when called. A Program may be called from many
+threads: calls are serialized, because every call reads and writes the same device globals.
+"""
+
+import os
+import pathlib
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from .._errors import SignatureError, StateMismatchError, UnknownTargetError
+from .._targets import RUNTIME
+from . import _dtypes, _variables
+from ._artifact import PARAMETER_SCOPE, Artifact, params_index
+from ._device import DeviceModule, open_device
+from ._manifest import GET_STATE, SET_STATE, Function, Tensor, Variable, path_name
+
+# nnx_get_state and nnx_set_state take a flag the compiler cannot see is always 1 (see compile/_assemble.py).
+_FLAG = np.array(1, np.int32)
+
+
+def flatten_inputs(tree: Any) -> list[Any]:
+  """Flattens tuples, lists and dicts (sorted keys, as JAX does) into their leaves, without JAX."""
+  if isinstance(tree, tuple | list):
+    return [leaf for item in tree for leaf in flatten_inputs(item)]
+  if isinstance(tree, dict):
+    return [leaf for key in sorted(tree) for leaf in flatten_inputs(tree[key])]
+  if tree is None:
+    return []
+  return [tree]
+
+
+def unflatten_outputs(structure: dict[str, Any], leaves: list[np.ndarray]) -> Any:
+  """Rebuilds a function's return value from its manifest ``structure``."""
+  ((kind, content),) = structure.items()
+  if kind == "leaf":
+    return leaves[content]
+  if kind == "none":
+    return None
+  if kind == "dict":
+    return {key: unflatten_outputs(sub, leaves) for key, sub in content}
+  items = [unflatten_outputs(sub, leaves) for sub in content]
+  return items if kind == "list" else tuple(items)
+
+
+def host_array(value: Any, tensor: Tensor, what: str) -> np.ndarray:
+  """``value`` as ``tensor``'s device dtype, after checking its shape and dtype (any byte order)."""
+  array = _dtypes.native(np.asarray(value))
+  if array.shape != tensor.shape or array.dtype.name != tensor.dtype:
+    raise SignatureError(
+      f"{what} {tensor.name}: expected {tensor.dtype}{list(tensor.shape)}, got {array.dtype.name}{list(array.shape)}."
+    )
+  return array.astype(_dtypes.dtype(tensor.device_dtype).numpy, copy=False)
+
+
+class ProgramFunction:
+  """One exported function of a :class:`Program`: host inputs in, host outputs out, state stays put."""
+
+  def __init__(self, program: "Program", spec: Function):
+    self.name, self.spec, self._program = spec.name, spec, program
+    self._function = program._module.function(spec.name)
+
+  def signature(self) -> str:
+    return self.spec.signature()
+
+  def device_inputs(self, args: tuple) -> list[np.ndarray]:
+    """The inputs as arrays in device dtypes, checked against the signature."""
+    flat = list(args) if all(type(a) is np.ndarray for a in args) else flatten_inputs(args)
+    if len(flat) != len(self.spec.inputs):
+      raise SignatureError(f"{self.name} takes {len(self.spec.inputs)} input arrays, got {len(flat)}: {self.signature()}.")
+    try:
+      return [host_array(v, t, f"{self.name} input") for v, t in zip(flat, self.spec.inputs, strict=True)]
+    except SignatureError as e:
+      raise SignatureError(f"{e} The exported signature is {self.signature()}; pass matching inputs.") from None
+
+  def __call__(self, *args: Any) -> Any:
+    inputs = self.device_inputs(args)
+    with self._program._lock:
+      views = self._program._module.invoke(self._function, inputs)
+      leaves = [self._program._host(view, tensor) for view, tensor in zip(views, self.spec.outputs, strict=True)]
+    return unflatten_outputs(self.spec.structure, leaves)
+
+
+class Program:
+  """An exported program loaded on a device: state in device globals, one callable per exported function.
+
+  Example:
+    >>> program = export(model, {"eval": method("__call__", x, mode="eval")}).load()
+    >>> y = program.eval(x)                 # only x and y cross to the host
+    >>> nnx.update(model, program.state())  # the device state, back in the eager model
+  """
+
+  def __init__(self, artifact: Artifact, *, device: str | None = None):
+    target = artifact.manifest.target
+    driver = device or target.drivers[0]
+    if driver not in target.drivers:
+      raise UnknownTargetError(
+        f"This artifact was compiled for {target.name!r}, which runs on the IREE driver(s) "
+        f"{', '.join(target.drivers)}, not {driver!r}. Export for another target to run there."
+      )
+    self.artifact, self.driver = artifact, driver
+    self._lock = threading.RLock()
+    device_handle = open_device(driver, subgroup_size=RUNTIME[target.name].subgroup_size)
+    self._module = DeviceModule(artifact.vmfb, device_handle, parameters={PARAMETER_SCOPE: params_index(artifact.params)})
+    self.functions = {name: ProgramFunction(self, spec) for name, spec in artifact.functions.items()}
+    self._variables = {v.name: v for v in artifact.state}
+    self._get_state = self._module.function(GET_STATE)
+    self._set_state = self._module.function(SET_STATE)
+
+  def __getattr__(self, name: str) -> ProgramFunction:
+    functions = self.__dict__.get("functions", {})
+    if name in functions:
+      return functions[name]
+    raise AttributeError(f"This program has no function {name!r}; it has {', '.join(functions) or 'none'}.")
+
+  def __dir__(self) -> Iterable[str]:
+    return [*super().__dir__(), *self.functions]
+
+  def _host(self, view, tensor: Tensor) -> np.ndarray:
+    array = self._module.to_host(view, tensor.shape, tensor.device_dtype)
+    return array.astype(_dtypes.dtype(tensor.dtype).numpy, copy=False)
+
+  # State as numpy arrays, by variable name (the NNX path joined with dots). No JAX needed.
+
+  def _device_arrays(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    selected = set(self._variables) if names is None else set(names)
+    with self._lock:
+      views = self._module.invoke(self._get_state, [_FLAG])
+      return {
+        v.name: self._module.to_host(view, v.shape, v.device_dtype)
+        for v, view in zip(self.artifact.state, views, strict=True)
+        if v.name in selected
+      }
+
+  def arrays(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Copies state variables from the device: ``{name: array}`` (all, or those in ``names``)."""
+    names = None if names is None else list(names)  # read twice below; a generator would be empty the second time
+    for name in names or ():
+      self._variable(name)
+    device = self._device_arrays(names)
+    return {name: a.astype(_dtypes.dtype(self._variables[name].dtype).numpy, copy=False) for name, a in device.items()}
+
+  def set_arrays(self, arrays: dict[str, Any]) -> None:
+    """Replaces the state variables named in ``arrays`` on the device; the others are kept. All or nothing.
+
+    Raises:
+      StateMismatchError: a name the program does not have, or a wrong shape or dtype (names the variable).
+    """
+    replacements = {}
+    for name, value in arrays.items():
+      variable = self._variable(name)
+      try:
+        replacements[name] = host_array(value, variable, "State variable")
+      except SignatureError as e:
+        raise StateMismatchError(f"{e} Push state of the model that was exported, or export again.") from None
+    with self._lock:
+      views = self._module.invoke(self._get_state, [_FLAG])
+      values = [replacements.get(v.name, view) for v, view in zip(self.artifact.state, views, strict=True)]
+      self._module.invoke(self._set_state, [_FLAG, *values])
+
+  def _variable(self, name: str) -> Variable:
+    variable = self._variables.get(name)
+    if variable is None:
+      known = ", ".join(list(self._variables)[:6])
+      raise StateMismatchError(
+        f"This program has no state variable {name!r} (it has {known}{', ...' if len(self._variables) > 6 else ''}). "
+        "Paths of a program exported from a dict of objects start with its keys, e.g. {'model': model}."
+      )
+    return variable
+
+  # State as nnx.State (needs flax).
+
+  def state(self, filter: Any = ...) -> Any:
+    """Copies the state from the device as an ``nnx.State``, optionally only what ``filter`` selects.
+
+    ``nnx.update(objects, program.state())`` merges it into the eager objects.
+    """
+    import jax
+    from flax import nnx
+
+    predicate = nnx.filterlib.to_predicate(filter)
+    selected = [
+      v
+      for v in self.artifact.state
+      if predicate(v.path, _variables.resolve(v)(jax.ShapeDtypeStruct(v.shape, v.dtype)))
+    ]
+    return nnx_state(selected, self.arrays([v.name for v in selected]))
+
+  def load_state(self, source: Any, filter: Any = ..., *, complete: bool = False) -> None:
+    """Pushes ``source`` (an ``nnx.State``, a module, or a dict of objects) to the device. All or nothing.
+
+    Only the variables ``filter`` selects are pushed, e.g. ``load_state(model, LoraParam)``
+    swaps adapter weights without recompiling.
+
+    Args:
+      source: where the values come from.
+      filter: an NNX filter selecting what to push.
+      complete: require every state variable of the program to be pushed.
+
+    Raises:
+      StateMismatchError: a path the program does not have, another Variable type,
+        a wrong shape or dtype, or (``complete``) a missing variable; the message names the path.
+    """
+    import jax
+    from flax import nnx
+
+    state = source if isinstance(source, nnx.State) else nnx.state(source)
+    if filter is not ...:
+      state = nnx.filter_state(state, filter)
+    arrays = {}
+    for path, variable in nnx.to_flat_state(state):
+      name = path_name(path)
+      expected = self._variable(name)
+      if type(variable).__name__ != expected.variable_type:
+        raise StateMismatchError(
+          f"State variable {name} is a {type(variable).__name__}; the program holds a {expected.variable_type} there."
+        )
+      value = variable.get_value()
+      arrays[name] = jax.random.key_data(value) if expected.key_impl else value
+    missing = [name for name in self._variables if name not in arrays]
+    if complete and missing:
+      raise StateMismatchError(
+        f"The state lacks {self._variables[missing[0]].describe()}{' and more' if len(missing) > 1 else ''}; "
+        "pass the full State of the exported objects (nnx.state(objects))."
+      )
+    self.set_arrays(arrays)
+
+  def update(self, objects: Any, filter: Any = ...) -> None:
+    """``nnx.update(objects, self.state(filter))``: the device state merged into the eager objects."""
+    from flax import nnx
+
+    nnx.update(objects, self.state(filter))
+
+  def functional(self, name: str) -> Callable[..., tuple[Any, Any]]:
+    """Function ``name`` as a pure function of the state: ``outputs, new_state = f(state, *args)``.
+
+    ``state`` is the full ``nnx.State`` of the exported objects (``nnx.state(objects)``);
+    it is pushed to the device, the function runs, and the whole state comes back.
+    Handy for stepping through the compiled program from eager code; a plain
+    ``program.<name>(...)`` keeps the state on the device instead.
+    """
+    function = self.functions[name]
+
+    def call(state: Any, *args: Any) -> tuple[Any, Any]:
+      with self._lock:
+        self.load_state(state, complete=True)
+        outputs = function(*args)
+        return outputs, self.state()
+
+    call.__name__ = name
+    return call
+
+  def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+    """Writes this program with its current device state as an artifact directory (see :meth:`Artifact.save`)."""
+    with self._lock:
+      params = {self._variables[name].global_name: array for name, array in self._device_arrays().items()}
+    return self.artifact.with_params(params).save(directory, overwrite=overwrite)
+
+
+def nnx_state(variables: Iterable[Variable], arrays: dict[str, np.ndarray]) -> Any:
+  """The ``nnx.State`` of ``variables`` holding ``arrays`` (by variable name); needs flax."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  flat = []
+  for variable in variables:
+    value = jnp.asarray(np.asarray(arrays[variable.name]).astype(_dtypes.dtype(variable.dtype).numpy, copy=False))
+    if variable.key_impl:
+      value = jax.random.wrap_key_data(value, impl=variable.key_impl)
+    flat.append((variable.path, _variables.resolve(variable)(value, **variable.metadata)))
+  return nnx.from_flat_state(flat)
+
+
+def load_program(directory: str | os.PathLike, *, device: str | None = None) -> Program:
+  """Opens, verifies and loads an artifact directory (see :meth:`Artifact.open`)."""
+  return Artifact.open(directory).load(device=device)

@@ -1,0 +1,57 @@
+"""Which ``nnx.Variable`` class a state entry of an artifact is: looked up among known classes, never imported.
+
+A manifest names each variable's class (``nnx_models._lora:LoraParam``) to describe
+it. Rebuilding an ``nnx.State`` needs the class itself: it is looked up among
+flax.nnx's own Variable types and those registered with :func:`register_variable_type`.
+``compile.export`` registers the classes of the objects it exports, and
+``nnx_models`` registers its own; in a fresh process, register yours before
+loading an artifact that holds them. Imports flax only when called.
+"""
+
+from .._errors import ArtifactError
+from ._manifest import Variable
+
+_REGISTERED: dict[str, type] = {}
+
+
+def class_path(cls: type) -> str:
+  """``module:qualname`` of a class, as manifests record it."""
+  return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def register_variable_type(cls: type) -> type:
+  """Lets artifacts holding ``cls`` (an ``nnx.Variable`` subclass) rebuild it; returns ``cls`` (a decorator).
+
+  Example:
+    >>> @register_variable_type
+    ... class Count(nnx.Variable):
+    ...   pass
+  """
+  from flax import nnx
+
+  if not (isinstance(cls, type) and issubclass(cls, nnx.Variable)):
+    raise TypeError(f"register_variable_type takes an nnx.Variable subclass, not {cls!r}.")
+  _REGISTERED[class_path(cls)] = cls
+  return cls
+
+
+def _flax_types() -> dict[str, type]:
+  from flax import nnx
+
+  return {class_path(v): v for v in vars(nnx).values() if isinstance(v, type) and issubclass(v, nnx.Variable)}
+
+
+def resolve(variable: Variable) -> type:
+  """The class of ``variable``.
+
+  Raises:
+    ArtifactError: the class is neither flax's nor registered.
+  """
+  cls = _REGISTERED.get(variable.variable_class) or _flax_types().get(variable.variable_class)
+  if cls is None or cls.__name__ != variable.variable_type:
+    raise ArtifactError(
+      f"State variable {variable.name} is a {variable.variable_class}, which is not a registered Variable type. "
+      f"Import it and call compile.register_variable_type({variable.variable_type}) before loading the "
+      "state (artifacts never import code), or read plain arrays with Program.arrays()."
+    )
+  return cls
