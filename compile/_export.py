@@ -234,10 +234,7 @@ def export(
   files = {MODULE: binary.vmfb, MLIR: mlir.encode()}
   files |= {f"msl/{name}.metal": source.encode() for name, source in binary.msl.items()}
   files |= {f"spirv/{name}.spv": data for name, data in binary.spirv.items()}
-  params = {
-    variable.global_name: np.asarray(value).astype(_dtypes.dtype(variable.device_dtype).numpy)
-    for variable, value in zip(variables, layout.flatten(state), strict=True)
-  }
+  params = {v.global_name: np.asarray(value) for v, value in zip(variables, layout.flatten(state), strict=True)}
   return Artifact(manifest, files, params, from_cache=cached)
 
 

@@ -7,6 +7,7 @@ are removed. Any other ``custom_call`` is a kernel IREE does not have.
 """
 
 import dataclasses
+import pathlib
 import re
 
 from jax.extend.mlir import ir
@@ -66,6 +67,31 @@ def frames(location: ir.Location | str) -> tuple[str, ...]:
   return tuple(f"{file}:{line}:{column}" for file, line, column in re.findall(r'"([^"]+)":(\d+):(\d+)', str(location)))
 
 
+_OWN_CODE = str(pathlib.Path(__file__).parent)
+_FRAME = re.compile(r'"([^"]*)"\("([^"]+)":(\d+):(\d+)')
+_OP_NAME = re.compile(r'^loc\("([^"]*)"\(')
+
+
+def _traced_location(location: ir.Location) -> ir.Location:
+  """``location`` without the frames from nnx-metal's own code outwards.
+
+  JAX records the whole Python stack, down to where ``export`` was called: such
+  frames would make the module text (and so the compile cache key and the module's
+  bytes) depend on the caller. What remains is the traced code: model, layers, step.
+  """
+  text = str(location)
+  kept = []
+  for function, file, line, column in _FRAME.findall(text):
+    if file.startswith(_OWN_CODE):
+      break
+    kept.append(ir.Location.name(function, childLoc=ir.Location.file(file, int(line), int(column))))
+  if not kept:
+    return ir.Location.unknown()
+  traced = ir.Location.callsite(kept[0], kept[1:]) if len(kept) > 1 else kept[0]
+  op_name = _OP_NAME.match(text)
+  return ir.Location.name(op_name.group(1), childLoc=traced) if op_name else traced
+
+
 def _op_label(op: ir.Operation) -> str:
   if op.name == "stablehlo.custom_call":
     return f"stablehlo.custom_call @{ir.StringAttr(op.attributes['call_target_name']).value}"
@@ -109,7 +135,7 @@ def clean_for_iree(module: ir.Module, scope: str = "main") -> tuple[OpSite, ...]
     if op.name == "sdy.mesh" or _is_sharding_noop(op):
       noops.append(op)
     elif op.name not in ("builtin.module", "func.func"):
-      op.location = ir.Location.name(f"{SITE_TAG}{scope}@{len(sites)}", childLoc=op.location)
+      op.location = ir.Location.name(f"{SITE_TAG}{scope}@{len(sites)}", childLoc=_traced_location(op.location))
       sites.append(OpSite(_op_label(op), frames(op.location), _element_types(op)))
     _strip_sdy_attributes(op)
     return ir.WalkResult.ADVANCE

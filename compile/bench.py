@@ -24,11 +24,8 @@ from iree import runtime as rt
 
 from nnx_models import ZOO
 
-from ._build import build
 from ._cache import CompileCache
 from ._export import export, function, method
-from ._lower import lower_function
-from ._run import load
 
 BATCHES = (1, 32, 256)
 TRAINED = ("mlp", "stacked_mlp", "linear_regression")  # zoo models with a benchmarked train step
@@ -79,7 +76,7 @@ def _forward_variants(name: str, batch: int, cache: CompileCache) -> tuple[dict[
     "jax.jit split-once": lambda: _ready(split_once(state, *args)),
     "nnx.jit": lambda: _ready(nnx_jitted(jitted_model, *args)),
   }
-  return variants, {"dispatches": artifact.functions["eval"]["dispatch_count"]}
+  return variants, {"dispatches": artifact.functions["eval"].dispatch_count}
 
 
 def _raw_invoke(program, name: str, host_args: list[np.ndarray]) -> Callable[[], object]:
@@ -125,16 +122,12 @@ def _train_variants(name: str, batch: int, cache: CompileCache) -> tuple[dict[st
   program = artifact.load(device="local-sync")
   host = (np.asarray(x), np.asarray(y))
 
-  # The same step with the whole State passed in and out on every call (issue 2's Executable).
-  objects = _train_objects(name)
-  graphdef, state = nnx.split(objects)
-  keys = tuple(objects)
-  lowered = lower_function(graphdef, state, _train_step, (x, y), name="train_step", model_name=name, object_keys=keys)
-  in_out = load(build(lowered, "cpu"), device="local-sync")
-  in_out_state = [state]
+  # The same step with the whole State passed in and out on every call (Program.functional).
+  in_out = artifact.load(device="local-sync").functional("train_step")
+  in_out_state = [nnx.state(_train_objects(name))]
 
   def in_out_step():
-    loss, in_out_state[0] = in_out(in_out_state[0], x, y)
+    loss, in_out_state[0] = in_out(in_out_state[0], *host)
     return loss
 
   jit_objects = _train_objects(name)
@@ -159,7 +152,7 @@ def _train_variants(name: str, batch: int, cache: CompileCache) -> tuple[dict[st
     "jax.jit split-once": jax_step,
     "nnx.jit": lambda: _ready(nnx_step(*nnx_objects.values(), x, y)),
   }
-  return variants, {"dispatches": artifact.functions["train_step"]["dispatch_count"]}
+  return variants, {"dispatches": artifact.functions["train_step"].dispatch_count}
 
 
 def _compile_times(name: str, cache_dir: pathlib.Path) -> dict[str, float]:
@@ -169,7 +162,7 @@ def _compile_times(name: str, cache_dir: pathlib.Path) -> dict[str, float]:
   times = {}
   for target in ("cpu", "vulkan", "metal"):
     artifact = export(entry.make(0), functions, target=target, cache=False)
-    times[f"iree-compile {target}"] = artifact.manifest["compile_seconds"]
+    times[f"iree-compile {target}"] = artifact.manifest.compile_seconds
   cache = CompileCache(cache_dir)
   export(entry.make(0), functions, cache=cache)
   start = time.perf_counter()

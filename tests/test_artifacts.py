@@ -12,11 +12,13 @@ import pytest
 from flax import nnx
 
 import compile as nnxc
-from compile import _artifact
+from compile.runtime import _artifact, _manifest
 from nnx_models import ZOO
 from tests.conftest import assert_trees_allclose
 
 BATCH = 4
+# iree-base-runtime's iree-run-module, through the package: found in any environment, activated or not.
+IREE_RUN_MODULE = [sys.executable, "-m", "iree._runtime.scripts.iree_run_module"]
 
 
 def _mlp_artifact(target: str = "cpu", cache=True) -> nnxc.Artifact:
@@ -39,7 +41,7 @@ def test_artifact_directory_holds_what_the_manifest_says(saved):
   names = {p.name for p in directory.iterdir()}
   assert {"manifest.json", "module.vmfb", "params.irpa", "module.mlir"} <= names
   manifest = json.loads((directory / "manifest.json").read_text())
-  assert manifest["format_version"] == _artifact.FORMAT_VERSION
+  assert manifest["format_version"] == _manifest.FORMAT_VERSION
   assert manifest["model"] == "nnx_models._mlp:MLP"
   assert set(manifest["files"]) == {"module.vmfb", "params.irpa", "module.mlir"}
   assert manifest["target"]["name"] == "cpu" and "--iree-hal-target-device=local" in manifest["flags"]
@@ -106,12 +108,10 @@ def test_loading_needs_neither_jax_nor_flax(saved, tmp_path):
 
 def test_iree_run_module_runs_the_artifact_with_its_parameter_archive(saved, tmp_path):
   directory, program = saved
-  tool = shutil.which("iree-run-module")
-  assert tool, "iree-run-module comes with iree-base-runtime"
   x = np.asarray(ZOO["mlp"].example_args(BATCH, 4)[0])
   np.save(tmp_path / "x.npy", x)
   command = [
-    tool,
+    *IREE_RUN_MODULE,
     "--device=local-sync",
     f"--module={directory / 'module.vmfb'}",
     f"--parameters=model={directory / 'params.irpa'}",
@@ -133,8 +133,8 @@ def _flip_a_byte(path):
 @pytest.mark.parametrize(
   "damage, message",
   [
-    (lambda d: _flip_a_byte(d / "params.irpa"), r"params\.irpa is corrupt or truncated"),
-    (lambda d: (d / "module.vmfb").write_bytes((d / "module.vmfb").read_bytes()[:100]), r"module\.vmfb is corrupt"),
+    (lambda d: _flip_a_byte(d / "params.irpa"), r"params\.irpa is corrupt or was changed"),
+    (lambda d: (d / "module.vmfb").write_bytes((d / "module.vmfb").read_bytes()[:100]), r"module\.vmfb is corrupt or was changed"),
     (lambda d: (d / "module.mlir").unlink(), r"module\.mlir is missing"),
     (lambda d: (d / "manifest.json").unlink(), "has no manifest.json"),
     (lambda d: (d / "manifest.json").write_text("{"), "not valid JSON"),

@@ -1,7 +1,6 @@
 """The nnx-metal command: build, run, inspect, bench; user mistakes are one line and exit 2."""
 
 import importlib.metadata
-import json
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import pytest
 from flax import nnx
 
 import compile as nnxc
+from compile.runtime import Manifest
 from nnx_models import MLP
 
 
@@ -49,9 +49,10 @@ def test_build_then_run_matches_eager(built, tmp_path):
 def test_inspect_lists_functions_and_state(built):
   result = nnx_metal("inspect", str(built))
   assert result.returncode == 0, result.stderr
-  assert "eval(float32[8, 2]) -> (float32[8, 5]): 2 dispatches" in result.stdout
+  assert "eval(args[0]: float32[8, 2]) -> (outputs: float32[8, 5]): 2 dispatches" in result.stdout
   assert "bn.mean" in result.stdout and "BatchStat" in result.stdout
-  assert nnxc.Artifact.open(built).manifest == json.loads(nnx_metal("inspect", str(built), "--json").stdout)
+  printed = Manifest.from_json(nnx_metal("inspect", str(built), "--json").stdout)
+  assert nnxc.Artifact.open(built).manifest == printed
 
 
 def test_inspect_writes_the_html_report(built, tmp_path):

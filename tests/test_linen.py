@@ -19,9 +19,9 @@ from nnx_models._linen import (
   linen_variables,
   to_nnx,
 )
-from tests.conftest import TOLERANCES, assert_trees_allclose, require_device
+from tests.conftest import RUNNABLE, TOLERANCES, assert_trees_allclose, require_device
 
-TARGETS = ["cpu", "vulkan"]
+TARGETS = RUNNABLE
 FORWARD = {
   "dense_regression": lambda: nn.Dense(features=5),  # the guide's linear regression
   "explicit_mlp": lambda: ExplicitMLP(features=[3, 4, 5]),

@@ -8,7 +8,7 @@ from flax import nnx
 
 import compile as nnxc
 from nnx_models import MLP, Linear, StatefulLinear
-from tests.conftest import TOLERANCES, assert_trees_allclose, require_device
+from tests.conftest import RUNNABLE, TOLERANCES, assert_trees_allclose, require_device
 
 
 def _x(*shape):
@@ -29,7 +29,12 @@ def test_sharding_noops_are_removed_with_shardy_off_too():
   finally:
     jax.config.update("jax_use_shardy_partitioner", True)
   assert "@Sharding" not in lowered.mlir
-  nnxc.build(lowered, "cpu")  # iree-compile accepts it
+  model = MLP(2, 16, 5, rngs=nnx.Rngs(0))
+  jax.config.update("jax_use_shardy_partitioner", False)
+  try:
+    nnxc.export(model, {"f": nnxc.method("__call__", _x(3, 2))}, cache=False)  # iree-compile accepts it
+  finally:
+    jax.config.update("jax_use_shardy_partitioner", True)
 
 
 def test_signature_names_every_state_leaf_with_its_variable_type():
@@ -69,25 +74,35 @@ def test_lowering_accepts_shape_specs_and_other_methods():
     TwoMethods(nnx.Rngs(0)), jax.ShapeDtypeStruct((2, 4), jnp.float32), jnp.float32(2.0), method="features"
   )
   assert [leaf.name for leaf in lowered.outputs] == ["outputs['norm']", "outputs['y']"]
-  executable = nnxc.load(nnxc.build(lowered, "cpu"))
   model = TwoMethods(nnx.Rngs(0))
-  out, _ = executable(nnx.state(model), _x(2, 4), jnp.float32(2.0))
-  assert_trees_allclose(out, model.features(_x(2, 4), 2.0), **TOLERANCES["cpu"])
+  args = (jax.ShapeDtypeStruct((2, 4), jnp.float32), jnp.float32(2.0))
+  program = nnxc.export(model, {"features": nnxc.method("features", *args)}).load()
+  out = program.features(np.asarray(_x(2, 4)), np.float32(2.0))
+  assert_trees_allclose(out, jax.tree.map(np.asarray, model.features(_x(2, 4), 2.0)), **TOLERANCES["cpu"])
 
 
-@pytest.mark.parametrize("target", ["cpu", "vulkan"])
+def test_lowering_for_a_spirv_target_shows_its_rewrites():
+  model = MLP(2, 16, 5, rngs=nnx.Rngs(0))
+  plain, metal = nnxc.lower(model, _x(3, 2)), nnxc.lower(model, _x(3, 2), target="metal")
+  assert plain.target is None and plain.rewrites == {} and "optimization_barrier" not in plain.mlir
+  assert metal.target == "metal" and metal.rewrites["isolate_reductions"] >= 2  # BatchNorm's mean and variance
+  assert "stablehlo.optimization_barrier" in metal.mlir
+  assert "_mlp.py" in plain.mlir  # ops carry their Python source lines
+
+
+@pytest.mark.parametrize("target", RUNNABLE)
 def test_unsigned_counter_round_trips(target):
   require_device(target)
   model = StatefulLinear(3, 5, rngs=nnx.Rngs(0))
   model.count[...] = jnp.uint32(2**32 - 2)  # wraps around like eager uint32
-  executable = nnxc.load(nnxc.build(nnxc.lower(model, _x(1, 3)), target))
-  state = nnx.state(model)
+  program = nnxc.export(model, {"f": nnxc.method("__call__", _x(1, 3))}, target=target).load()
   for _ in range(3):
-    _, state = executable(state, _x(1, 3))
-  assert state["count"][...].dtype == jnp.uint32 and int(state["count"][...]) == 1
+    program.f(np.asarray(_x(1, 3)))
+  count = program.state()["count"][...]
+  assert count.dtype == jnp.uint32 and int(count) == 1
 
 
-@pytest.mark.parametrize("target", ["cpu", "vulkan"])
+@pytest.mark.parametrize("target", RUNNABLE)
 def test_float64_models_compile_with_documented_demotion(target):
   """With jax_enable_x64, f64 state runs as f32 on SPIR-V targets (Metal has no f64) and comes back f64."""
   require_device(target)
@@ -95,9 +110,11 @@ def test_float64_models_compile_with_documented_demotion(target):
     model = Linear(3, 4, rngs=nnx.Rngs(0))
     x = np.linspace(0, 1, 6).reshape(2, 3)
     assert model.w[...].dtype == jnp.float64
-    compiled = nnxc.build(nnxc.lower(model, x), target)
-    assert compiled.target.demote_f64 == (target != "cpu")
-    y, state = nnxc.load(compiled)(nnx.state(model), x)
-    assert y.dtype == jnp.float64 and state["w"][...].dtype == jnp.float64
-    tolerance = dict(rtol=1e-6, atol=1e-6) if compiled.target.demote_f64 else dict(rtol=1e-12, atol=1e-12)
-    assert_trees_allclose(y, model(x), **tolerance)
+    artifact = nnxc.export(model, {"f": nnxc.method("__call__", x)}, target=target)
+    demoted = artifact.manifest.target.demote_f64
+    assert demoted == (target != "cpu")
+    assert artifact.state[0].device_dtype == ("float32" if demoted else "float64")
+    y, state = artifact.load().functional("f")(nnx.state(model), x)
+    assert y.dtype == np.float64 and state["w"][...].dtype == jnp.float64
+    tolerance = dict(rtol=1e-6, atol=1e-6) if demoted else dict(rtol=1e-12, atol=1e-12)
+    assert_trees_allclose(y, np.asarray(model(x)), **tolerance)

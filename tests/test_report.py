@@ -66,7 +66,7 @@ def test_report_shows_the_msl_of_each_metal_kernel(tmp_path):
   args = ZOO["mlp"].example_args(BATCH, 0)
   artifact = nnxc.export(ZOO["mlp"].make(0), {"eval": nnxc.method("__call__", *args, mode="eval")}, target="metal")
   page = nnxc.write_report(artifact, tmp_path / "metal.html").read_text()  # no Metal device needed
-  executables = artifact.functions["eval"]["executables"]
+  executables = artifact.functions["eval"].executables
   assert executables and all(f"MSL of {name}" in page for name in executables)
   assert "kernel void" in page
   assert "No eager model was given" in page

@@ -1,56 +1,74 @@
-"""Every zoo model builds for Metal with one MSL source per dispatch and valid SPIR-V; CUDA builds too."""
+"""Every zoo model exports for Metal with MSL and valid SPIR-V per kernel; the stand-in runs Metal's code generation."""
 
 import functools
+import re
 import subprocess
 
+import numpy as np
 import pytest
 from flax import nnx
 
 import compile as nnxc
+from compile import _targets
 from nnx_models import ZOO
-from tests.conftest import TOLERANCES, assert_trees_allclose, require_device, require_spirv_val
+from tests.conftest import TOLERANCES, assert_trees_allclose, require_device, spirv_tool
+
+BATCH = 4
+
+
+def _functions(name: str) -> dict:
+  args = ZOO[name].example_args(BATCH, 0)
+  return {mode: nnxc.method("__call__", *args, mode=mode) for mode in ("train", "eval")}
 
 
 @functools.cache
-def _metal(name: str, mode: str = "train", platform: str = "macos") -> nnxc.Compiled:
-  model = ZOO[name].make(0)
-  getattr(model, mode)()
-  return nnxc.build(nnxc.lower(model, *ZOO[name].example_args(4, 0)), "metal", metal_platform=platform)
+def _artifact(name: str, target: str = "metal", platform: str = "macos") -> nnxc.Artifact:
+  return nnxc.export(ZOO[name].make(0), _functions(name), target=target, metal_platform=platform)
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("name", list(ZOO))
-def test_metal_build_has_one_msl_source_per_dispatch(name, mode):
-  compiled = _metal(name, mode)
-  assert compiled.dispatch_count >= 1
-  assert len(compiled.msl) == compiled.dispatch_count
-  for source in compiled.msl.values():
-    assert "#include <metal_stdlib>" in source and "kernel void" in source
+def test_metal_export_has_msl_and_spirv_for_every_kernel(name):
+  artifact = _artifact(name)
+  kernels = set(artifact.manifest.dispatches)
+  assert kernels and {p[4:-6] for p in artifact.files if p.startswith("msl/")} == kernels
+  assert set(artifact.spirv()) == kernels
+  for path, source in artifact.files.items():
+    if path.startswith("msl/"):
+      assert b"#include <metal_stdlib>" in source and b"kernel void" in source
+  assert artifact.manifest.hazard_check == "passed"
+  assert all(function.dispatch_count >= 1 for function in artifact.functions.values())
 
 
 @pytest.mark.parametrize("name", list(ZOO))
 def test_metal_spirv_passes_spirv_val(name, tmp_path):
   """The SPIR-V IREE translates into MSL is valid: the strongest Metal check without an Apple GPU."""
-  spirv_val = require_spirv_val()
-  compiled = _metal(name)
-  assert len(compiled.spirv) == compiled.dispatch_count
-  for dispatch, binary in compiled.spirv.items():
-    path = tmp_path / f"{dispatch}.spv"
+  spirv_val = spirv_tool("spirv-val")
+  for kernel, binary in _artifact(name).spirv().items():
+    path = tmp_path / f"{kernel}.spv"
     path.write_bytes(binary)
     result = subprocess.run([spirv_val, str(path)], capture_output=True, text=True)
-    assert result.returncode == 0, f"{name}/{dispatch}: {result.stderr}"
+    assert result.returncode == 0, f"{name}/{kernel}: {result.stderr}"
 
 
 def test_ios_platform_is_selectable():
-  compiled = _metal("mlp", platform="ios")
-  assert "--iree-metal-target-platform=ios" in compiled.flags and compiled.msl
+  artifact = _artifact("mlp", platform="ios")
+  assert "--iree-metal-target-platform=ios" in artifact.manifest.flags and artifact.spirv()
 
 
-def test_save_writes_module_mlir_and_msl(tmp_path):
-  out = _metal("mlp").save(tmp_path / "mlp")
-  assert (out / "module.vmfb").read_bytes() == _metal("mlp").vmfb
-  assert (out / "module.mlir").read_text().startswith("module @jit_MLP_call")
-  assert len(list((out / "msl").glob("*.metal"))) == _metal("mlp").dispatch_count
+def test_the_standin_compiles_with_the_metal_description_but_lavapipes_subgroup_width():
+  metal = _targets.metal_description()
+  standin = nnxc.get_target("metal-vulkan").description
+  assert 'arch = "apple"' in metal and "storage = b64|b32|b16|b8" in metal
+  assert re.sub(r"subgroup_size_choices = \[\d+\]", "", standin) == re.sub(r"subgroup_size_choices = \[\d+\]", "", metal)
+  assert "subgroup_size_choices = [32]" in metal and "subgroup_size_choices = [16]" in standin
+
+
+@pytest.mark.parametrize("name", ["mlp", "stacked_mlp", "lora_mlp"])
+def test_with_metals_subgroup_width_the_standin_spirv_is_metals_spirv(name):
+  """The stand-in is the Metal target's code generation: at 32 lanes its kernels are Metal's, word for word."""
+  exact = nnxc.Target(**{**vars(nnxc.get_target("metal-vulkan")), "description": _targets.metal_description()})
+  standin = nnxc.export(ZOO[name].make(0), _functions(name), target=exact, cache=False)
+  assert standin.spirv() == _artifact(name).spirv()
 
 
 @pytest.mark.parametrize("target", ["metal", "cuda"])
@@ -58,15 +76,15 @@ def test_runs_on_hardware_targets_where_present(target):
   """Parity on a real Metal or CUDA device; skipped with the reason on machines without one."""
   require_device(target)
   model, eager = ZOO["mlp"].make(0), ZOO["mlp"].make(0)
-  args = ZOO["mlp"].example_args(4, 0)
-  outputs, state = nnxc.load(nnxc.build(nnxc.lower(model, *args), target))(nnx.state(model), *args)
-  assert_trees_allclose((outputs, state), (eager(*args), nnx.state(eager)), **TOLERANCES["vulkan"])
+  args = ZOO["mlp"].example_args(BATCH, 0)
+  outputs, state = nnxc.export(model, _functions("mlp"), target=target).load().functional("train")(nnx.state(model), *args)
+  eager.train()
+  assert_trees_allclose((outputs, state), (np.asarray(eager(*args)), nnx.state(eager)), **TOLERANCES["vulkan"])
 
 
 def test_cuda_builds_without_a_gpu():
-  lowered = nnxc.lower(ZOO["mlp"].make(0), *ZOO["mlp"].example_args(4, 0))
-  compiled = nnxc.build(lowered, "cuda", cuda_arch="sm_89")
-  assert compiled.dispatch_count >= 1 and "--iree-cuda-target=sm_89" in compiled.flags
+  artifact = nnxc.export(ZOO["mlp"].make(0), _functions("mlp"), target="cuda", cuda_arch="sm_89")
+  assert artifact.manifest.dispatches and "--iree-cuda-target=sm_89" in artifact.manifest.flags
   # iree-compile 3.13 has no sm_90 description (iree-org/iree#22147): a clear CompileError, not a crash.
   with pytest.raises(nnxc.CompileError, match="missing GPU target"):
-    nnxc.build(lowered, "cuda", cuda_arch="sm_90")
+    nnxc.export(ZOO["mlp"].make(0), _functions("mlp"), target="cuda", cuda_arch="sm_90")

@@ -66,7 +66,7 @@ def params_index(params: dict[str, np.ndarray]) -> rt.ParameterIndex:
 
 
 def _read_params(path: pathlib.Path, state: tuple[Variable, ...]) -> dict[str, np.ndarray]:
-  """The state's arrays from an archive, read as the manifest's device dtypes after checking every size."""
+  """The state's arrays from an archive, read as the manifest's dtypes after checking every size."""
   index = rt.ParameterIndex()
   try:
     index.load(str(path))
@@ -82,12 +82,12 @@ def _read_params(path: pathlib.Path, state: tuple[Variable, ...]) -> dict[str, n
     )
   params = {}
   for variable in state:
-    entry, dtype = entries[variable.global_name], _dtypes.dtype(variable.device_dtype).numpy
+    entry, dtype = entries[variable.global_name], _dtypes.dtype(variable.dtype).numpy
     nbytes = variable.size * dtype.itemsize
     if entry.is_splat or entry.length != nbytes:
       raise ArtifactError(
         f"{path} holds {entry.length} bytes for {variable.name}, which needs {nbytes} "
-        f"({variable.device_dtype}{list(variable.shape)}). The archive belongs to another export; export again."
+        f"({variable.dtype}{list(variable.shape)}). The archive belongs to another export; export again."
       )
     params[variable.global_name] = np.frombuffer(entry.file_view, dtype, count=variable.size).reshape(variable.shape)
   return params
@@ -201,7 +201,8 @@ class Artifact:
   Attributes:
     manifest: the validated manifest.
     files: every file but the manifest and the parameters, ``{relative path: bytes}``.
-    params: the state's values, ``{global name: array}`` in device dtypes.
+    params: the state's values, ``{global name: array}``, in the variables' own dtypes (the
+      module reads float64 parameters and demotes them itself on targets without f64).
     from_cache: whether export found its compiled module in the compile cache.
   """
 
@@ -283,7 +284,9 @@ class Artifact:
     """
     directory = pathlib.Path(directory)
     if not directory.is_dir():
-      raise ArtifactError(f"{directory} is not a directory, so not an nnx-metal artifact.")
+      raise ArtifactError(f"{directory} is not an nnx-metal artifact: it is not a directory.")
+    if not os.path.lexists(directory / MANIFEST):
+      raise ArtifactError(f"{directory} is not an nnx-metal artifact: it has no {MANIFEST}.")
     try:
       manifest = Manifest.from_json(_read_regular_file(directory, MANIFEST, limit=MAX_MANIFEST_BYTES))
     except ArtifactError as e:

@@ -258,8 +258,7 @@ class Program:
 
   def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
     """Writes this program with its current device state as an artifact directory (see :meth:`Artifact.save`)."""
-    with self._lock:
-      params = {self._variables[name].global_name: array for name, array in self._device_arrays().items()}
+    params = {self._variables[name].global_name: array for name, array in self.arrays().items()}
     return self.artifact.with_params(params).save(directory, overwrite=overwrite)
 
 

@@ -1,0 +1,143 @@
+"""IREE 3.13 SPIR-V miscompilations, each kept as a reproducer against plain iree-compile, and nnx-metal's fix.
+
+The raw reproducers are strict xfails: when IREE fixes a bug, its test fails and
+tells us the rewrite can go. Each runs on lavapipe, at the 16 lanes of the
+metal-vulkan stand-in (Metal's code generation) and on the default Vulkan target.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import compile as nnxc
+from compile._iree import compile_module
+from compile._stablehlo import clean_for_iree, module_text
+from compile.runtime._device import DeviceModule, open_device
+from compile.runtime._manifest import Tensor
+from tests.conftest import require_device
+
+SPIRV = ["vulkan", "metal-vulkan"]
+
+
+def _centered_column_sums(x):
+  return (x * (x - x.mean(0))).sum(0)
+
+
+def _negated_column_sums(x):
+  return (-x).sum(0)
+
+
+def _grouped_convolution(x):
+  kernel = jnp.linspace(-1, 1, 3 * 3 * 4 * 8).reshape(3, 3, 4, 8)
+  dimensions = ("NHWC", "HWIO", "NHWC")
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dimensions, feature_group_count=2)
+
+
+CASES = {
+  # A reduction fused with its elementwise consumer: column sums in workgroup memory, read back under another
+  # thread mapping with no barrier. Garbage on lavapipe; a data race under Metal's and Vulkan's rules.
+  "reduction race": (_centered_column_sums, (4, 100)),
+  # A grouped convolution zero-fills its output under one thread mapping and accumulates under another.
+  "grouped convolution": (_grouped_convolution, (2, 4, 4, 8)),
+}
+
+
+def _raw(fn, x: np.ndarray, target: str) -> tuple[np.ndarray, object]:
+  module = jax.jit(fn).lower(x).compiler_ir("stablehlo")
+  clean_for_iree(module)
+  binary = compile_module(module_text(module), "jit_fn", nnxc.get_target(target))
+  runtime = nnxc.get_target(target)
+  device = DeviceModule(binary.vmfb, open_device(runtime.drivers[0], subgroup_size=runtime.subgroup_size))
+  (result,) = device.invoke(device.function("main"), [x])
+  want = np.asarray(fn(x))
+  return device.to_host(result, want.shape, "float32"), binary
+
+
+class _Function(nnx.Module):
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __call__(self, x):
+    return self.fn(x)
+
+
+def _input(shape) -> np.ndarray:
+  return np.asarray(jax.random.normal(jax.random.key(0), shape))
+
+
+@pytest.mark.parametrize("target", SPIRV)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="IREE 3.13 SPIR-V race; fixed by compile/_rewrites.py")
+def test_raw_iree_gets_it_wrong(case, target):
+  require_device(target)
+  fn, shape = CASES[case]
+  x = _input(shape)
+  got, _ = _raw(fn, x, target)
+  np.testing.assert_allclose(got, fn(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["metal", *SPIRV])
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_race_check_finds_the_raw_race(case, target):
+  fn, shape = CASES[case]
+  module = jax.jit(fn).lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compiler_ir("stablehlo")
+  clean_for_iree(module)
+  binary = compile_module(module_text(module), "jit_fn", nnxc.get_target(target))
+  races = [race for spirv in binary.spirv.values() for race in nnxc.find_races(spirv)]
+  assert races, f"no race found in {sorted(binary.spirv)}"
+
+
+@pytest.mark.parametrize("target", SPIRV)
+@pytest.mark.parametrize("case", list(CASES))
+def test_exported_it_matches_eager(case, target):
+  require_device(target)
+  fn, shape = CASES[case]
+  x = _input(shape)
+  artifact = nnxc.export(_Function(fn), {"f": nnxc.method("__call__", x)}, target=target)
+  assert artifact.manifest.hazard_check == "passed"
+  np.testing.assert_allclose(artifact.load().f(x), fn(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.xfail(strict=True, raises=nnxc.CompileError, reason="IREE 3.13: negation folded into the combiner")
+def test_raw_iree_refuses_a_negated_reduction_for_metal():
+  module = jax.jit(_negated_column_sums).lower(jax.ShapeDtypeStruct((256, 8), jnp.float32)).compiler_ir("stablehlo")
+  clean_for_iree(module)
+  compile_module(module_text(module), "jit_fn", nnxc.get_target("metal"))
+
+
+@pytest.mark.parametrize("target", ["metal", *SPIRV])
+def test_exported_a_negated_reduction_builds_and_matches_eager(target):
+  x = _input((256, 8))
+  artifact = nnxc.export(_Function(_negated_column_sums), {"f": nnxc.method("__call__", x)}, target=target)
+  if target != "metal":
+    require_device(target)
+    np.testing.assert_allclose(artifact.load().f(x), _negated_column_sums(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_compile_error_names_the_stablehlo_op_and_the_python_line():
+  module = jax.jit(_negated_column_sums).lower(jax.ShapeDtypeStruct((256, 8), jnp.float32)).compiler_ir("stablehlo")
+  sites = clean_for_iree(module)
+  with pytest.raises(nnxc.CompileError) as info:
+    compile_module(module_text(module), "jit_fn", nnxc.get_target("metal"), sites={"main": sites})
+  message = str(info.value)
+  assert "Failed to get an identity value" in message.splitlines()[0]
+  assert "stablehlo.reduce at " in message and "test_spirv_bugs.py:" in message
+  assert "/tmp/" not in info.value.culprit  # no deleted temporary files
+
+
+def test_a_race_the_rewrites_miss_fails_the_export_naming_kernel_op_and_line(monkeypatch):
+  """Without the reduction rewrite, the race check stops the export and says where the kernel came from."""
+  x = _input((4, 100))
+  metal = nnxc.get_target("metal")
+  unfixed = nnxc.Target(**{**vars(metal), "rewrites": ()})
+  with pytest.raises(nnxc.HazardError) as info:
+    nnxc.export(_Function(_centered_column_sums), {"f": nnxc.method("__call__", x)}, target=unfixed, cache=False)
+  message = str(info.value)
+  assert "f_dispatch_" in message and "Workgroup memory" in message
+  assert "stablehlo.reduce at " in message and "test_spirv_bugs.py:" in message
+  artifact = nnxc.export(
+    _Function(_centered_column_sums), {"f": nnxc.method("__call__", x)}, target=unfixed, check_hazards=False
+  )
+  assert artifact.manifest.hazard_check == "off"
