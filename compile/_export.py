@@ -23,6 +23,7 @@ from ._hazards import find_races
 from ._iree import Binary, origin_sites
 from ._layout import Leaf, StateLayout
 from ._lower import Lowered, lower_function, method_caller, model_name_of
+from ._rewrites import CONTRACTIONS
 from ._stablehlo import check_target_support
 from ._targets import Target, get_target
 from .runtime import _dtypes
@@ -147,16 +148,28 @@ def _cache_of(cache: bool | str | CompileCache | None) -> CompileCache | None:
   return cache if isinstance(cache, CompileCache) else CompileCache(cache)
 
 
-def raise_on_races(binary: Binary, target: Target, lowered: dict[str, Lowered]) -> None:
-  """Raises HazardError if a SPIR-V kernel of ``binary`` may read what another invocation wrote without a barrier."""
-  sites = {name: each.sites for name, each in lowered.items()}
+def _races(binary: Binary) -> dict[str, list]:
   found = {kernel: find_races(spirv) for kernel, spirv in binary.spirv.items()}
-  found = {kernel: races for kernel, races in found.items() if races}
-  if not found:
-    return
-  lines = [f"{len(found)} kernel(s) compiled for {target.name!r} may race (a load of memory another invocation "
-           "stored to, with no barrier in between):"]
-  for kernel, races in found.items():
+  return {kernel: races for kernel, races in found.items() if races}
+
+
+def _raced_contractions(binary: Binary, racy: dict[str, list], lowered: dict[str, Lowered]) -> dict[str, set[int]]:
+  """``{function: site indices}`` of the contractions the racy kernels were formed from."""
+  chosen: dict[str, set[int]] = {}
+  for kernel in racy:
+    for scope, index in binary.origins.get(kernel, []):
+      if scope in lowered and lowered[scope].sites[index].op in CONTRACTIONS:
+        chosen.setdefault(scope, set()).add(index)
+  return chosen
+
+
+def _hazard_error(binary: Binary, target: Target, racy: dict[str, list], lowered: dict[str, Lowered]) -> HazardError:
+  sites = {name: each.sites for name, each in lowered.items()}
+  lines = [
+    f"{len(racy)} kernel(s) compiled for {target.name!r} may race (a load of memory another invocation "
+    "stored to, with no barrier in between):"
+  ]
+  for kernel, races in racy.items():
     origin = "; ".join(dict.fromkeys(site.describe() for site in origin_sites(binary, kernel, sites)))
     lines += [f"  {kernel}, formed from {origin or 'unknown ops'}:", *(f"    {race.describe()}" for race in races)]
   lines.append(
@@ -164,8 +177,8 @@ def raise_on_races(binary: Binary, target: Target, lowered: dict[str, Lowered]) 
     "the function's StableHLO (compile.lower(..., target=...).mlir). export(..., check_hazards=False) builds "
     "it anyway: its results on a GPU may then be wrong."
   )
-  kernels = {kernel: [race.describe() for race in races] for kernel, races in found.items()}
-  raise HazardError(target.name, list(binary.flags), "\n".join(lines), kernels)
+  kernels = {kernel: [race.describe() for race in races] for kernel, races in racy.items()}
+  return HazardError(target.name, list(binary.flags), "\n".join(lines), kernels)
 
 
 def export(
@@ -212,21 +225,28 @@ def export(
   layout = StateLayout.of(state)
   model_name = model_name_of(objects)
   keys = tuple(objects) if isinstance(objects, dict) else None
-  lowered: dict[str, Lowered] = {
-    name: lower_function(
-      graphdef, state, spec.fn, spec.args, name=name, model_name=model_name, method=spec.label, object_keys=keys,
-      target=target,
-    )
-    for name, spec in functions.items()
-  }
-  for each in lowered.values():
-    check_target_support(each.sites, target)
   module_name = re.sub(r"\W", "_", model_name).lower()
-  mlir = assemble(module_name, lowered)
-  sites = {name: each.sites for name, each in lowered.items()}
-  binary, cached = compile_cached(mlir, module_name, target, tuple(extra_flags), _cache_of(cache), sites)
-  if target.spirv and check_hazards:
-    raise_on_races(binary, target, lowered)
+  isolate: dict[str, set[int]] = {}
+  while True:  # at most twice: once more with the contractions whose kernels raced isolated
+    lowered: dict[str, Lowered] = {
+      name: lower_function(
+        graphdef, state, spec.fn, spec.args, name=name, model_name=model_name, method=spec.label,
+        object_keys=keys, target=target, isolate=frozenset(isolate.get(name, ())),
+      )
+      for name, spec in functions.items()
+    }
+    for each in lowered.values():
+      check_target_support(each.sites, target)
+    mlir = assemble(module_name, lowered)
+    sites = {name: each.sites for name, each in lowered.items()}
+    binary, cached = compile_cached(mlir, module_name, target, tuple(extra_flags), _cache_of(cache), sites)
+    racy = _races(binary) if target.spirv and check_hazards else {}
+    more = _raced_contractions(binary, racy, lowered)
+    if not racy or isolate or not more:
+      break
+    isolate = more
+  if racy:
+    raise _hazard_error(binary, target, racy, lowered)
 
   names = global_names([leaf.name for leaf in layout.leaves])
   variables = _variables(state, layout, names, target)

@@ -147,6 +147,7 @@ def lower_function(
   method: str | None = None,
   object_keys: tuple[str, ...] | None = None,
   target: Target | None = None,
+  isolate: frozenset[int] = frozenset(),
 ) -> Lowered:
   """Lowers ``fn(*objects, *args)`` on the objects ``graphdef`` and ``state`` describe.
 
@@ -159,6 +160,8 @@ def lower_function(
     method: the method name shown in signatures (default: ``name``).
     object_keys: for a dict of objects, the order in which ``fn`` takes them.
     target: apply this target's StableHLO rewrites (None: the module as JAX lowered it).
+    isolate: site indices of contractions to put in dispatches of their own (see
+      ``_rewrites.isolate_sites``; export passes those whose kernels raced).
   """
   layout = StateLayout.of(state)
   changed: list[int] = []
@@ -169,6 +172,8 @@ def lower_function(
   module = traced.compiler_ir("stablehlo")
   sites = clean_for_iree(module, scope=name)
   rewrites = _rewrites.apply(module, target.rewrites) if target is not None else {}
+  if isolate:
+    rewrites["isolate_raced_contractions"] = _rewrites.isolate_sites(module, name, isolate)
   mlir = module_text(module)
   main_type = _main_function_type(module)
   num_state, num_outputs = len(layout.leaves), len(main_type.results) - len(changed)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo
 
+from ._stablehlo import SITE_TAG
+
 _REDUCTIONS = ("stablehlo.reduce", "stablehlo.reduce_window")
 
 
@@ -57,6 +59,13 @@ def _barrier_results(op: ir.Operation) -> None:
       owner.operands[number] = new
 
 
+def _isolate(op: ir.Operation) -> None:
+  """Puts ``op`` in a dispatch of its own: an optimization barrier on its inputs and on its results."""
+  inputs = len(op.operands) // 2 if op.name in _REDUCTIONS else len(op.operands)  # reductions: then init values
+  _barrier_operands(op, inputs)
+  _barrier_results(op)
+
+
 def isolate_reductions(module: ir.Module) -> int:
   """Puts every reduction in a dispatch of its own: an optimization barrier on its operands and results.
 
@@ -76,9 +85,29 @@ def isolate_reductions(module: ir.Module) -> int:
   reductions = _ops_named(module, _REDUCTIONS)
   with module.context:
     for op in reductions:
-      _barrier_operands(op, len(op.operands) // 2)  # inputs, then as many init values
-      _barrier_results(op)
+      _isolate(op)
   return len(reductions)
+
+
+# Ops that reduce over some dimensions: where IREE's SPIR-V code generation keeps
+# partial results in workgroup memory, and where a kernel race has been seen.
+CONTRACTIONS = ("stablehlo.dot_general", "stablehlo.dot", "stablehlo.convolution", *_REDUCTIONS)
+
+
+def isolate_sites(module: ir.Module, scope: str, indices: frozenset[int]) -> int:
+  """Isolates the contraction ops tagged ``nnx@<scope>@<i>`` for ``i`` in ``indices`` (see ``_stablehlo.py``).
+
+  Used where the race check found a kernel formed from them: a matrix product
+  fused with its consumers can keep its results in workgroup memory without a
+  barrier, like a reduction, but isolating every product would cost a dispatch
+  each, so only those that raced are. Returns the number of ops isolated.
+  """
+  tags = {f'"{SITE_TAG}{scope}@{i}"' for i in indices}
+  chosen = [op for op in _ops_named(module, CONTRACTIONS) if str(op.location)[4:].split("(", 1)[0] in tags]
+  with module.context:
+    for op in chosen:
+      _isolate(op)
+  return len(chosen)
 
 
 def _tensor_type(value: ir.Value) -> ir.RankedTensorType:

@@ -125,9 +125,19 @@ def _metal_vulkan() -> Target:
 
 
 def _vulkan(vulkan_target: str | None) -> Target:
-  selected = (f"--iree-vulkan-target={vulkan_target}",) if vulkan_target else ()
-  flags = ("--iree-hal-target-backends=vulkan-spirv", *selected, *_DEMOTE_F64)
-  return Target("vulkan", "vulkan-spirv", RUNTIME["vulkan"].drivers, flags, True, spirv=True, rewrites=SPIRV_REWRITES)
+  if vulkan_target is not None:  # one of IREE's named Vulkan targets, as IREE describes it
+    flags = ("--iree-hal-target-backends=vulkan-spirv", f"--iree-vulkan-target={vulkan_target}", *_DEMOTE_F64)
+    return Target("vulkan", "vulkan-spirv", RUNTIME["vulkan"].drivers, flags, True, spirv=True, rewrites=SPIRV_REWRITES)
+  return Target(
+    "vulkan",
+    "vulkan-spirv",
+    RUNTIME["vulkan"].drivers,
+    _DEMOTE_F64,
+    True,
+    spirv=True,
+    rewrites=SPIRV_REWRITES,
+    description=portable_vulkan_description(),
+  )
 
 
 def _cpu() -> Target:
@@ -192,6 +202,21 @@ def _description_for(flags: tuple[str, ...]) -> str:
   if match is None:
     raise UnknownTargetError(f"iree-compile reported no GPU target description for flags {' '.join(flags)}.")
   return match.group(1)
+
+
+def portable_vulkan_description() -> str:
+  """nnx-metal's default Vulkan profile: IREE's portable baseline, plus 8- and 16-bit storage and arithmetic.
+
+  IREE's default, ``vp_android_baseline_2022``, has 32-bit storage only; IREE 3.13
+  emulates narrower types there and gets it wrong (float16 gives NaN, a bool mask
+  written as packed bytes is read back from the wrong offset, see
+  ``docs/metal-correctness.md``). Every desktop GPU, Apple GPUs through MoltenVK and
+  most Android GPUs since 2019 have 8/16-bit storage. No subgroup operations, so its
+  kernels run at any subgroup width.
+  """
+  baseline = _description_for(("--iree-hal-target-backends=vulkan-spirv",))
+  widened = re.sub(r"compute = [\w|]+", "compute = fp32|fp16|int32|int16|int8", baseline)
+  return re.sub(r"storage = [\w|]+", "storage = b32|b16|b8", widened)
 
 
 def metal_description() -> str:

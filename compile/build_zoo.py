@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nnx_models import CATALOG, ZOO
+from nnx_models import CATALOG, ZOO, CatalogEntry
 
 from ._errors import DeviceUnavailableError
 from ._export import Export, export, function, method
@@ -35,9 +35,14 @@ def _zoo() -> Iterator[tuple[str, Callable[[], Any], dict[str, Export]]]:
     yield entry.name, lambda entry=entry: entry.make(0), {m: method("__call__", *args, mode=m) for m in ("train", "eval")}
 
 
+def catalog_functions(entry: CatalogEntry) -> dict[str, Export]:
+  """The exports of a catalog entry, traced at the inputs of its first step."""
+  return {name: function(fn, *entry.inputs(name, 0)) for name, fn in entry.calls.items()}
+
+
 def _catalog() -> Iterator[tuple[str, Callable[[], Any], dict[str, Export]]]:
   for entry in CATALOG.values():
-    yield f"catalog_{entry.name}", entry.objects, entry.functions()
+    yield f"catalog_{entry.name}", entry.objects, catalog_functions(entry)
 
 
 def _linen() -> Iterator[tuple[str, Callable[[], Any], dict[str, Export]]]:

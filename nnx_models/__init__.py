@@ -1,5 +1,7 @@
 """The NNX model zoo of nnx-metal: the models of the Flax NNX basics guide, modern API."""
 
+from ._catalog import CATALOG as CATALOG
+from ._catalog import CatalogEntry as CatalogEntry
 from ._linear import Count as Count
 from ._linear import Counter as Counter
 from ._linear import Linear as Linear

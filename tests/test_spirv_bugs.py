@@ -127,11 +127,21 @@ def test_a_compile_error_names_the_stablehlo_op_and_the_python_line():
   assert "/tmp/" not in info.value.culprit  # no deleted temporary files
 
 
-def test_a_race_the_rewrites_miss_fails_the_export_naming_kernel_op_and_line(monkeypatch):
-  """Without the reduction rewrite, the race check stops the export and says where the kernel came from."""
+def test_a_race_found_after_compiling_is_fixed_by_isolating_its_contraction():
+  """Without the static rewrites, the race check finds the racy kernel and export isolates the reduction it came from."""
   x = _input((4, 100))
-  metal = nnxc.get_target("metal")
-  unfixed = nnxc.Target(**{**vars(metal), "rewrites": ()})
+  unfixed = nnxc.Target(**{**vars(nnxc.get_target("metal")), "rewrites": ()})
+  artifact = nnxc.export(_Function(_centered_column_sums), {"f": nnxc.method("__call__", x)}, target=unfixed, cache=False)
+  assert artifact.manifest.rewrites == {"isolate_raced_contractions": 1} and artifact.manifest.hazard_check == "passed"
+
+
+def test_a_race_that_cannot_be_isolated_fails_the_export_naming_kernel_op_and_line(monkeypatch):
+  """A racy kernel with no contraction to isolate stops the export, saying where the kernel came from."""
+  from compile import _export
+
+  monkeypatch.setattr(_export, "_raced_contractions", lambda *args: {})
+  x = _input((4, 100))
+  unfixed = nnxc.Target(**{**vars(nnxc.get_target("metal")), "rewrites": ()})
   with pytest.raises(nnxc.HazardError) as info:
     nnxc.export(_Function(_centered_column_sums), {"f": nnxc.method("__call__", x)}, target=unfixed, cache=False)
   message = str(info.value)
