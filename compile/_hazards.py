@@ -33,7 +33,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from ._spirv import Function, Instruction, Module, Op, Scope, StorageClass, read
+from ._spirv import Function, Instruction, Module, Op, Scope, SpirvError, StorageClass, read
 
 CHECKED_MEMORY = (StorageClass.Workgroup, StorageClass.StorageBuffer, StorageClass.CrossWorkgroup)
 
@@ -71,7 +71,8 @@ class Race:
   def describe(self) -> str:
     return (
       f"{self.entry_point} loads {self.memory} memory {self.variable}[{self.load}] after storing "
-      f"{self.variable}[{self.store}] with no barrier in between: another invocation's store"
+      f"{self.variable}[{self.store}] with no barrier in between, so it may read a slot another invocation "
+      "is still writing"
     )
 
 
@@ -252,6 +253,15 @@ def find_races(binary: bytes) -> list[Race]:
   Raises:
     SpirvError: ``binary`` is not a well-formed SPIR-V module.
   """
+  try:
+    return _find_races(binary)
+  except (IndexError, KeyError, ValueError, RecursionError) as e:
+    if isinstance(e, SpirvError):
+      raise
+    raise SpirvError(f"malformed SPIR-V: {type(e).__name__}: {e}") from None
+
+
+def _find_races(binary: bytes) -> list[Race]:
   module = read(binary)
   canonical = _Canonical(module)
   races: dict[tuple[str, int], Race] = {}

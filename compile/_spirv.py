@@ -12,6 +12,8 @@ import dataclasses
 import enum
 import struct
 
+from ._errors import NnxMetalError
+
 MAGIC = 0x07230203
 
 # From the SPIR-V 1.6 unified grammar (spirv.core.grammar.json), core opcodes only:
@@ -98,7 +100,7 @@ TERMINATORS = frozenset(
 )
 
 
-class SpirvError(ValueError):
+class SpirvError(NnxMetalError, ValueError):
   """Bytes that are not a well-formed SPIR-V module."""
 
 
