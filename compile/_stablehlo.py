@@ -170,12 +170,12 @@ def check_target_support(sites: tuple[OpSite, ...], target: Target) -> None:
         "emits it (a jax.ffi call or a backend-specific kernel) with jax.numpy/lax ops."
       )
     for element_type in site.element_types:
-      if any(element_type.startswith(bad) for bad in target.unsupported_types):
-        raise UnsupportedOpError(
-          f"`{site.describe()}` uses element type {element_type}, which target "
-          f"{target.name!r} does not support. Convert to a type IREE supports "
-          "(e.g. float8_e4m3fn or bfloat16) before this op."
-        )
+      for prefix, why in target.unsupported_types:
+        if re.fullmatch(rf"{prefix}\b.*", element_type):
+          raise UnsupportedOpError(
+            f"`{site.describe()}` uses element type {element_type}, which target {target.name!r} cannot "
+            f"compile: {why}."
+          )
 
 
 def embeddable_functions(module: ir.Module, *, prefix: str) -> str:

@@ -17,7 +17,8 @@ from ._errors import UnknownTargetError
 
 # IREE's HAL has no element type for these MX float formats (iree-compile 3.13
 # fails with "'hal.element_type' op unsupported element type" on every target).
-_NO_HAL_ELEMENT_TYPE = ("f4E2M1FN", "f6E2M3FN", "f6E3M2FN")
+_NO_HAL = "IREE has no HAL element type for it (on any target); convert to a type IREE supports, e.g. bfloat16"
+_NO_HAL_ELEMENT_TYPE = (("f4E2M1FN", _NO_HAL), ("f6E2M3FN", _NO_HAL), ("f6E3M2FN", _NO_HAL))
 # The SPIR-V rewrites of compile/_rewrites.py, in the order they run.
 SPIRV_REWRITES = ("split_grouped_convolutions", "isolate_reductions")  # TODO(bf16): widen_bfloat16 first
 # lavapipe (Mesa 22.3) runs subgroup operations over at most 16 lanes: with
@@ -35,7 +36,7 @@ class Target:
     drivers: iree-runtime drivers that can run its modules, preferred first.
     flags: the iree-compile flags that select it.
     demote_f64: whether f64 is held as f32 (see ``docs/dtypes.md``).
-    unsupported_types: MLIR element types it cannot compile at all.
+    unsupported_types: ``(MLIR element type prefix, why and what to do)`` it cannot compile.
     spirv: whether its kernels are SPIR-V (dumped, validated, checked for races).
     rewrites: the StableHLO rewrites its code generation needs (``compile/_rewrites.py``).
     description: for a SPIR-V target, the IREE GPU target description to compile with
@@ -48,7 +49,7 @@ class Target:
   drivers: tuple[str, ...]
   flags: tuple[str, ...]
   demote_f64: bool = False
-  unsupported_types: tuple[str, ...] = _NO_HAL_ELEMENT_TYPE
+  unsupported_types: tuple[tuple[str, str], ...] = _NO_HAL_ELEMENT_TYPE
   spirv: bool = False
   rewrites: tuple[str, ...] = ()
   description: str | None = None
@@ -124,10 +125,33 @@ def _metal_vulkan() -> Target:
   )
 
 
+def _without_16_bit_floats(description: str, name: str) -> tuple[tuple[str, str], ...]:
+  """The 16-bit floats a device description cannot hold: IREE's emulation of them miscompiles (NaNs)."""
+  compute = re.search(r"compute = ([\w|]+)", description).group(1).split("|")
+  storage = re.search(r"storage = ([\w|]+)", description).group(1).split("|")
+  if "fp16" in compute and "b16" in storage:
+    return ()
+  why = (
+    f"IREE's {name!r} Vulkan target has no 16-bit float storage or arithmetic, and IREE 3.13 miscompiles "
+    "its emulation (NaNs); compute in float32, or export for the default 'vulkan' profile or 'metal-vulkan'"
+  )
+  return (("f16", why), ("bf16", why))
+
+
 def _vulkan(vulkan_target: str | None) -> Target:
   if vulkan_target is not None:  # one of IREE's named Vulkan targets, as IREE describes it
     flags = ("--iree-hal-target-backends=vulkan-spirv", f"--iree-vulkan-target={vulkan_target}", *_DEMOTE_F64)
-    return Target("vulkan", "vulkan-spirv", RUNTIME["vulkan"].drivers, flags, True, spirv=True, rewrites=SPIRV_REWRITES)
+    narrow = _without_16_bit_floats(_description_for(flags[:2]), vulkan_target)
+    return Target(
+      "vulkan",
+      "vulkan-spirv",
+      RUNTIME["vulkan"].drivers,
+      flags,
+      True,
+      unsupported_types=_NO_HAL_ELEMENT_TYPE + narrow,
+      spirv=True,
+      rewrites=SPIRV_REWRITES,
+    )
   return Target(
     "vulkan",
     "vulkan-spirv",
@@ -197,7 +221,11 @@ def _description_for(flags: tuple[str, ...]) -> str:
   from iree import compiler as ireec
 
   probe = _PROBE.replace("return %a", "%0 = stablehlo.add %a, %a : tensor<4xf32>\n  return %0")
-  text = ireec.compile_str(probe, input_type="stablehlo", extra_args=[*flags, "--compile-to=executable-sources"])
+  try:
+    text = ireec.compile_str(probe, input_type="stablehlo", extra_args=[*flags, "--compile-to=executable-sources"])
+  except ireec.CompilerToolError as e:
+    error = next((line for line in str(e).splitlines() if "error:" in line), str(e).splitlines()[0])
+    raise UnknownTargetError(f"iree-compile does not know the target {' '.join(flags)}: {error.strip()}") from None
   match = re.search(r"iree_codegen\.target_info = (#iree_gpu\.target<.*?>>)", text.decode())
   if match is None:
     raise UnknownTargetError(f"iree-compile reported no GPU target description for flags {' '.join(flags)}.")

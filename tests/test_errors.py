@@ -111,3 +111,17 @@ def test_compiler_failure_carries_target_flags_and_diagnostics():
   error = info.value
   assert error.target == "cpu" and "--iree-llvmcpu-target-triple=not-a-triple" in error.flags
   assert "not-a-triple" in str(error) and error.diagnostics
+
+
+def test_float16_on_a_vulkan_target_without_16_bit_floats_is_refused_before_compiling():
+  model = nnx.Linear(4, 3, dtype=jnp.float16, param_dtype=jnp.float16, rngs=nnx.Rngs(0))
+  functions = {"f": nnxc.method("__call__", jnp.ones((2, 4), jnp.float16))}
+  pattern = r"stablehlo\.\w+ at .*uses element type f16.*'vp_android_baseline_2022' Vulkan target has no 16-bit"
+  with pytest.raises(nnxc.UnsupportedOpError, match=pattern):
+    nnxc.export(model, functions, target="vulkan", vulkan_target="vp_android_baseline_2022")
+  assert nnxc.export(model, functions, target="vulkan").manifest.state[0].dtype == "float16"  # the default profile
+
+
+def test_an_unknown_vulkan_target_is_a_clear_error():
+  with pytest.raises(nnxc.NnxMetalError, match="no-such-gpu"):
+    nnxc.get_target("vulkan", vulkan_target="no-such-gpu")
