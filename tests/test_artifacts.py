@@ -1,6 +1,7 @@
 """Artifacts: saved atomically, verified on load, loadable without JAX, runnable with IREE's own tools."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -197,3 +198,52 @@ def test_the_state_of_a_loaded_artifact_merges_into_a_fresh_model(saved):
   model = ZOO["mlp"].make(0)
   nnx.update(model, nnxc.load_program(directory).state(nnx.BatchStat))
   assert_trees_allclose(nnx.state(model, nnx.BatchStat), program.state(nnx.BatchStat), rtol=0, atol=0)
+
+
+def test_builds_are_byte_reproducible_across_processes(tmp_path):
+  """The same model and functions give the same module.vmfb and params.irpa bytes, from any process or caller."""
+  script = textwrap.dedent(
+    f"""
+    import sys
+    import compile as nnxc
+    from nnx_models import ZOO
+    args = ZOO["mlp"].example_args({BATCH}, 0)
+    functions = {{m: nnxc.method("__call__", *args, mode=m) for m in ("train", "eval")}}
+    nnxc.export(ZOO["mlp"].make(0), functions, target=sys.argv[1], cache=False).save(sys.argv[2])
+    """
+  )
+  for target in ("cpu", "metal"):
+    outputs = [tmp_path / f"{target}{i}" for i in range(2)]
+    for out in outputs:
+      result = subprocess.run([sys.executable, "-c", script, target, str(out)], capture_output=True, text=True)
+      assert result.returncode == 0, result.stderr
+    for name in ("module.vmfb", "params.irpa", "module.mlir", "manifest.json"):
+      first, second = ((out / name).read_bytes() for out in outputs)
+      if name == "manifest.json":  # it records the compile time; everything else must be equal
+        first, second = (re.sub(rb'"compile_seconds": [\d.e-]+', b"", data) for data in (first, second))
+      assert first == second, f"{target}/{name} differs between two builds"
+
+
+def test_save_replaces_an_artifact_but_never_anything_else(saved, tmp_path):
+  directory, program = saved
+  program.save(directory)  # a previous artifact: replaced
+  project = tmp_path / "project"
+  (project / "src").mkdir(parents=True)
+  (project / "src" / "model.py").write_text("precious")
+  with pytest.raises(nnxc.ArtifactError, match="exists and is not an nnx-metal artifact; nothing was written"):
+    program.save(project)
+  assert (project / "src" / "model.py").read_text() == "precious"
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("precious")
+  with pytest.raises(nnxc.ArtifactError, match="not an nnx-metal artifact"):
+    program.save(a_file)
+  assert a_file.read_text() == "precious"
+  program.save(a_file, overwrite=True)  # explicitly asked for
+  nnxc.load_program(a_file)
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_the_runtime_imports_no_jax():
+  script = "import sys\nimport compile.runtime, compile\nassert not {'jax', 'flax', 'jaxlib'} & set(sys.modules), sorted(sys.modules)"
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
