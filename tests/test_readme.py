@@ -15,7 +15,9 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
   namespace = {}
   exec(compile_source(blocks[0]), namespace)
   assert (tmp_path / "build" / "my_mlp" / "module.vmfb").exists()
-  assert namespace["y"].shape == (8, 5)
+  assert (tmp_path / "build" / "my_mlp" / "spirv").is_dir()
+  assert namespace["y"].shape == (8, 5) and namespace["outputs"].shape == (8, 5)
+  assert int(namespace["model"].dropout.rngs.count.get_value()) == 1  # the train call, merged back
 
 
 def test_readme_program_example_runs(tmp_path, monkeypatch):
