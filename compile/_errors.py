@@ -47,15 +47,14 @@ class ArtifactError(NnxMetalError):
   """An artifact on disk that is corrupt, truncated or made for something else."""
 
 
-class HazardError(CompileError):
+class HazardError(NnxMetalError):
   """A compiled SPIR-V kernel may read memory another invocation wrote, with no barrier in between (a data race).
 
   Attributes:
     target: the target's name.
-    flags: the iree-compile flags.
-    kernels: ``{kernel: race descriptions}``.
+    kernels: ``{kernel: descriptions of its races}``.
   """
 
-  def __init__(self, target: str, flags: list[str], report: str, kernels: dict[str, list[str]]):
-    self.target, self.flags, self.diagnostics, self.culprit, self.kernels = target, flags, report, "", kernels
-    NnxMetalError.__init__(self, report)
+  def __init__(self, target: str, report: str, kernels: dict[str, list[str]]):
+    self.target, self.kernels = target, kernels
+    super().__init__(report)

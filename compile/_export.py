@@ -178,7 +178,7 @@ def _hazard_error(binary: Binary, target: Target, racy: dict[str, list], lowered
     "it anyway: its results on a GPU may then be wrong."
   )
   kernels = {kernel: [race.describe() for race in races] for kernel, races in racy.items()}
-  return HazardError(target.name, list(binary.flags), "\n".join(lines), kernels)
+  return HazardError(target.name, "\n".join(lines), kernels)
 
 
 def export(

@@ -21,8 +21,9 @@ from flax import nnx
 
 from nnx_models import CATALOG, ZOO, CatalogEntry
 
-from ._errors import DeviceUnavailableError
+from ._errors import CompileError, DeviceUnavailableError
 from ._export import Export, export, function, method
+from ._targets import Target, get_target
 from .runtime import Artifact
 
 BATCH = 8
@@ -107,27 +108,47 @@ def _zoo_parity(name: str, artifact: Artifact) -> str:
   return f"max err {error:.1e}" + ("" if error <= PARITY_TOLERANCE else "  PARITY FAILED")
 
 
+def _raw_dispatches(objects: Callable[[], Any], functions: dict[str, Export], target: Target) -> dict[str, str]:
+  """Dispatches per call without nnx-metal's SPIR-V rewrites (IREE as it is); "fails" where that does not build."""
+  raw = Target(**{**vars(target), "rewrites": ()})
+  try:
+    artifact = export(objects(), functions, target=raw, check_hazards=False)
+  except CompileError:
+    return dict.fromkeys(functions, "fails")
+  return {name: str(spec.dispatch_count) for name, spec in artifact.functions.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--target", default="metal")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("build/metal"))
   parser.add_argument("--only", nargs="*", help="build only these models (default: all)")
+  parser.add_argument(
+    "--raw-dispatches", action="store_true", help="also count dispatches without the SPIR-V rewrites (compiles twice)"
+  )
   options = parser.parse_args(argv)
+  target = get_target(options.target)
 
-  header = f"{'model':<28}{'function':<16}{'dispatches':>11}{'vmfb bytes':>12}{'kernels':>9}{'compile s':>11}  race check  run"
+  raw_column = f"{'raw':>8}" if options.raw_dispatches else ""
+  header = (
+    f"{'model':<34}{'function':<14}{'dispatches':>11}{raw_column}{'vmfb bytes':>12}{'kernels':>9}"
+    f"{'compile s':>11}  race check  run"
+  )
   print(header, "-" * len(header), sep="\n")
   failed = False
   with jax.numpy_dtype_promotion("standard"):  # optax and Linen are written for JAX's default promotion
     for name, objects, functions in [*_zoo(), *_catalog(), *_linen(), *_vae()]:
       if options.only and name not in options.only:
         continue
-      artifact = export(objects(), functions, target=options.target)
+      artifact = export(objects(), functions, target=target)
       artifact.save(options.out / name, overwrite=False)
+      raw = _raw_dispatches(objects, functions, target) if options.raw_dispatches and target.spirv else {}
       run = _zoo_parity(name, artifact) if name in ZOO else ""
       failed |= "FAILED" in run
       for function_name, spec in artifact.functions.items():
+        raw_cell = f"{raw.get(function_name, '-'):>8}" if options.raw_dispatches else ""
         print(
-          f"{name:<28}{function_name:<16}{spec.dispatch_count:>11}{len(artifact.vmfb):>12}"
+          f"{name:<34}{function_name:<14}{spec.dispatch_count:>11}{raw_cell}{len(artifact.vmfb):>12}"
           f"{len(artifact.manifest.dispatches):>9}{artifact.manifest.compile_seconds:>11.2f}"
           f"  {artifact.manifest.hazard_check:<11} {run}"
         )

@@ -6,24 +6,36 @@
   nnx-metal bench --models mlp
 
 A user mistake is one line on stderr with a hint and exit status 2, never a traceback.
+Mistakes are the command line's own (a malformed ``--input``, a missing file), the
+user's code failing (the factory, its module, or the model rejecting the inputs),
+or an error nnx-metal raises on purpose (:class:`compile.NnxMetalError`). Anything
+else is a bug of nnx-metal and keeps its traceback.
 """
 
 import argparse
+import dataclasses
+import difflib
 import importlib
 import json
+import math
+import os
 import pathlib
+import re
 import sys
+import sysconfig
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
-from ._errors import NnxMetalError
+from ._errors import NnxMetalError, SignatureError
 from ._hazards import find_races
 from ._targets import TARGET_NAMES
-from .runtime import Artifact, Program
+from .runtime import Artifact
 
 # Element type suffixes of --input, as iree-run-module spells them.
 _DTYPES = {
@@ -41,51 +53,291 @@ _DTYPES = {
   "u32": "uint32",
   "u64": "uint64",
 }
+_SUFFIXES = {dtype: suffix for suffix, dtype in _DTYPES.items()}
+_DIMENSION = re.compile(r"[0-9]+")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+# The largest dimension and element count an --input may have (an artifact's manifest holds no larger dimension).
+_MAX_SIZE = 1 << 40
+_MAX_MESSAGE = 400
 
 
 class UsageError(Exception):
   """A mistake on the command line, reported as one line with a hint."""
 
 
-def parse_shape(spec: str) -> tuple[tuple[int, ...], str]:
-  """``3x2xf32`` -> ``((3, 2), "float32")``; ``f32`` is a scalar."""
+def _first_line(error: BaseException) -> str:
+  """``Type: first line of the message`` of an exception, at most a few hundred characters."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+  return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def _library_dirs() -> list[str]:
+  dirs = [sysconfig.get_paths()["stdlib"], os.path.dirname(__file__)]
+  for name in ("jax", "jaxlib", "flax", "numpy", "ml_dtypes", "treescope"):
+    module = sys.modules.get(name)
+    if module is not None and getattr(module, "__file__", None):
+      dirs.append(os.path.dirname(module.__file__))
+  return [os.path.realpath(d) + os.sep for d in dirs]
+
+
+def _raised_at(error: BaseException) -> str:
+  """`` (at file:line)``: the innermost frame of the user's code the exception passed through, or ""."""
+  libraries, where = _library_dirs(), ""
+  traceback = error.__traceback__
+  while traceback is not None:
+    file_name = traceback.tb_frame.f_code.co_filename
+    if not file_name.startswith("<") and not os.path.realpath(file_name).startswith(tuple(libraries)):
+      try:
+        shown = os.path.relpath(file_name)
+      except ValueError:  # another drive
+        shown = file_name
+      where = f" (at {shown if not shown.startswith('..') else file_name}:{traceback.tb_lineno})"
+    traceback = traceback.tb_next
+  return where
+
+
+def _user_code_failed(error: Exception) -> str:
+  """An exception of the user's code, as one line: type, message and where it was raised."""
+  return f"{_first_line(error)}{_raised_at(error)}"
+
+
+# --input values
+
+
+def parse_shape(spec: str, option: str = "--input") -> tuple[tuple[int, ...], str]:
+  """``3x2xf32`` -> ``((3, 2), "float32")``; ``f32`` is a scalar.
+
+  Raises:
+    UsageError: a missing or unknown element type, or a dimension that is not an integer in [0, 2**40].
+  """
+  if not spec:
+    raise UsageError(f"{option} '' is empty; give a shape such as 8x2xf32 (f32 alone is a scalar)")
   *dims, element = spec.split("x")
   if element not in _DTYPES:
-    raise UsageError(f"--input {spec!r}: unknown element type {element!r}; use one of {', '.join(_DTYPES)}")
+    problem = "ends without an element type" if not element else f"has unknown element type {element!r}"
+    raise UsageError(f"{option} {spec!r} {problem}; end it with one of {', '.join(_DTYPES)}, as in 8x2xf32")
+  shape = []
+  for dim in dims:
+    if dim.startswith("-") and _DIMENSION.fullmatch(dim[1:]):
+      raise UsageError(f"{option} {spec!r}: dimension {dim} is negative; dimensions must be >= 0, as in 8x2xf32")
+    if not _DIMENSION.fullmatch(dim):
+      raise UsageError(
+        f"{option} {spec!r}: dimension {dim!r} is not an integer; dimensions must be integers >= 0, as in 8x2xf32"
+      )
+    if int(dim) > _MAX_SIZE:
+      raise UsageError(f"{option} {spec!r}: dimension {dim} is larger than 2**40, the largest an artifact holds")
+    shape.append(int(dim))
+  if math.prod(shape) > _MAX_SIZE:
+    raise UsageError(f"{option} {spec!r} has {math.prod(shape)} elements, more than 2**40; check the dimensions")
+  return tuple(shape), _DTYPES[element]
+
+
+def _fill(spec: str, text: str, dtype: str) -> bool | int | float:
+  """The fill value ``text`` of ``--input spec``, checked against ``dtype``."""
+  if not text:
+    raise UsageError(f"--input {spec!r}: no fill value after '='; give a number, as in 8x2xf32=0.5 (no '=' for zeros)")
+  if dtype == "bool":
+    value = {"0": False, "1": True, "false": False, "true": True}.get(text.lower())
+    if value is None:
+      raise UsageError(f"--input {spec!r}: the fill value {text!r} is not a bool; use 0, 1, false or true")
+    return value
+  if dtype.startswith(("int", "uint")):
+    if not _INTEGER.fullmatch(text):
+      raise UsageError(f"--input {spec!r}: the fill value {text!r} is not an integer, which {dtype} needs")
+    info = np.iinfo(dtype)
+    if not info.min <= int(text) <= info.max:
+      raise UsageError(f"--input {spec!r}: the fill value {text} is out of range for {dtype} [{info.min}, {info.max}]")
+    return int(text)
   try:
-    shape = tuple(int(d) for d in dims)
+    value = float(text)
   except ValueError:
-    raise UsageError(f"--input {spec!r}: dimensions must be integers, as in 3x2xf32") from None
-  return shape, _DTYPES[element]
+    raise UsageError(f"--input {spec!r}: the fill value {text!r} is not a number, as in 8x2xf32=0.5") from None
+  with np.errstate(over="ignore"):
+    rounded = float(np.asarray(value).astype(dtype))
+  if math.isfinite(value) and not math.isfinite(rounded):
+    raise UsageError(f"--input {spec!r}: the fill value {text} is out of range for {dtype}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class InputValue:
+  """One ``--input`` of ``run``, parsed without allocating its array (see :meth:`array`).
+
+  Attributes:
+    spec: what the user wrote.
+    shape, dtype: the array's shape and numpy dtype name.
+    fill: the value of every element (``3x2xf32=0.5``); unused for a file.
+    path: the ``.npy`` file of ``@x.npy``, else None.
+  """
+
+  spec: str
+  shape: tuple[int, ...]
+  dtype: str
+  fill: bool | int | float = 0
+  path: str | None = None
+
+  def describe(self) -> str:
+    return f"{self.dtype}{list(self.shape)}"
+
+  def array(self) -> np.ndarray:
+    """The array: filled, or read from the ``.npy`` file (checked against its header)."""
+    if self.path is None:
+      return np.full(self.shape, self.fill, dtype=self.dtype)
+    try:
+      array = np.load(self.path, allow_pickle=False)
+    except OSError as e:
+      raise UsageError(f"--input {self.spec!r}: cannot read {self.path} ({e.strerror or e})") from None
+    except (ValueError, EOFError) as e:
+      raise UsageError(f"--input {self.spec!r}: {self.path} is a corrupt .npy file ({_first_line(e)})") from None
+    if not isinstance(array, np.ndarray) or array.shape != self.shape or array.dtype.name != self.dtype:
+      raise UsageError(f"--input {self.spec!r}: {self.path} changed while nnx-metal read it; try again")
+    return array
+
+
+def _npy_header(spec: str, path: str) -> tuple[tuple[int, ...], np.dtype]:
+  """The shape and dtype a ``.npy`` file declares, read from its header only; checks the data is all there."""
+  try:
+    with open(path, "rb") as f:
+      magic = f.read(6)
+      if magic.startswith(b"PK\x03\x04"):
+        raise UsageError(f"--input {spec!r}: {path} is a .npz archive; pass one array saved with np.save")
+      if magic != b"\x93NUMPY":
+        raise UsageError(f"--input {spec!r}: {path} is not a .npy file; save the array with np.save")
+      f.seek(0)
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # headers written by Python 2 warn
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+          raise UsageError(
+            f"--input {spec!r}: {path} is a .npy file of format version {version[0]}.{version[1]}, which "
+            "nnx-metal does not read; save a plain numeric array with np.save"
+          )
+        shape, _, dtype = read_header[version](f)
+      data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+  except OSError as e:
+    raise UsageError(f"--input {spec!r}: cannot read {path} ({e.strerror or e})") from None
+  except (ValueError, TypeError, EOFError, SyntaxError) as e:
+    raise UsageError(f"--input {spec!r}: {path} is a corrupt .npy file ({_first_line(e)}); save it again") from None
+  if all(isinstance(d, int) and d >= 0 for d in shape) and not dtype.hasobject:
+    needed = math.prod(shape) * dtype.itemsize
+    if data_bytes < needed:
+      raise UsageError(
+        f"--input {spec!r}: {path} is truncated: its header declares {dtype.name}{list(shape)} ({needed} bytes) "
+        f"but it holds {data_bytes} bytes of data; save it again"
+      )
+  return tuple(shape), dtype
+
+
+def parse_input(spec: str) -> InputValue:
+  """``3x2xf32=0.5`` (filled), ``@x.npy`` (a file) or ``3x2xf32`` (zeros), parsed; nothing is allocated."""
+  if spec.startswith("@"):
+    path = spec[1:]
+    if not path:
+      raise UsageError("--input '@' names no file; write @x.npy")
+    shape, dtype = _npy_header(spec, path)
+    return InputValue(spec, shape, dtype.name, path=path)
+  shape_spec, equals, fill = spec.partition("=")
+  shape, dtype = parse_shape(shape_spec)
+  return InputValue(spec, shape, dtype, _fill(spec, fill, dtype) if equals else 0)
 
 
 def parse_value(spec: str) -> np.ndarray:
   """``3x2xf32=0.5`` (filled), ``@x.npy`` (loaded) or ``3x2xf32`` (zeros) -> an array."""
-  if spec.startswith("@"):
-    try:
-      return np.load(spec[1:])
-    except OSError as e:
-      raise UsageError(f"--input {spec!r}: cannot read {spec[1:]} ({e.strerror})") from None
-  shape_spec, _, fill = spec.partition("=")
-  shape, dtype = parse_shape(shape_spec)
+  return parse_input(spec).array()
+
+
+def _example(tensor: Any) -> str:
+  """An --input that matches ``tensor`` (a manifest Tensor)."""
+  suffix = _SUFFIXES.get(tensor.dtype)
+  return "x".join([*map(str, tensor.shape), suffix]) if suffix else "@x.npy"
+
+
+def check_inputs(function: Any, values: list[InputValue]) -> None:
+  """Checks the ``--input`` values against ``function``'s signature (a manifest Function) before any is allocated.
+
+  Raises:
+    SignatureError: another number of inputs, or a shape or dtype other than the exported one.
+  """
+  expected = function.inputs
+  if len(values) != len(expected):
+    example = " ".join(f"--input {_example(t)}" for t in expected) or "no --input"
+    raise SignatureError(
+      f"{function.name} takes {len(expected)} input(s), got {len(values)} --input: {function.signature()}. "
+      f"Pass one --input per input, in order, e.g. {example}."
+    )
+  for value, tensor in zip(values, expected, strict=True):
+    if value.shape != tuple(tensor.shape) or value.dtype != tensor.dtype:
+      raise SignatureError(
+        f"{function.name} input {tensor.name}: expected {tensor.dtype}{list(tensor.shape)}, got {value.describe()} "
+        f"from --input {value.spec!r}. The exported signature is {function.signature()}; pass matching inputs, "
+        f"e.g. --input {_example(tensor)}."
+      )
+
+
+# Files the user names
+
+
+def _first_existing(path: pathlib.Path) -> pathlib.Path:
+  path = path.absolute()
+  while not os.path.lexists(path) and path != path.parent:
+    path = path.parent
+  return path
+
+
+def _check_can_create(path: pathlib.Path, option: str, *, parent_must_exist: bool = False) -> None:
+  """Fails early when ``path`` cannot be written: a folder on the way is a file or missing."""
+  ancestor = _first_existing(path.parent)
+  if not ancestor.is_dir():
+    raise UsageError(f"{option} {str(path)!r}: {ancestor} is not a directory; choose another path")
+  if parent_must_exist and ancestor != path.parent.absolute():
+    raise UsageError(f"{option} {str(path)!r}: the directory {path.parent} does not exist; create it first")
+
+
+def _concerns(error: OSError, where: pathlib.Path) -> bool:
+  """Whether ``error`` is about ``where`` (a path the user gave), something in it, or a folder on the way."""
+  if error.filename is None:
+    return False
+  failed, where = pathlib.Path(os.fsdecode(error.filename)).absolute(), where.absolute()
+  return failed == where or where in failed.parents or failed in where.parents
+
+
+def open_artifact(path: pathlib.Path) -> Artifact:
+  """``Artifact.open``, with a file system error about the directory as a usage error."""
   try:
-    return np.full(shape, float(fill) if fill else 0, dtype=dtype)
-  except ValueError:
-    raise UsageError(f"--input {spec!r}: the fill value {fill!r} is not a number") from None
+    return Artifact.open(path)
+  except OSError as e:
+    if not _concerns(e, path):
+      raise
+    raise UsageError(f"cannot read the artifact {path} ({e.strerror or e}: {e.filename})") from None
+
+
+# The user's factory and model
 
 
 def load_factory(reference: str):
-  """``package.module:factory`` -> the callable."""
+  """``package.module:factory`` (or ``module:Class.create``) -> the callable."""
   module_name, _, attribute = reference.partition(":")
-  if not module_name or not attribute:
-    raise UsageError(f"{reference!r} is not module:factory, e.g. nnx_models:MLP")
+  if not _DOTTED_NAME.fullmatch(module_name) or not _DOTTED_NAME.fullmatch(attribute):
+    raise UsageError(f"FACTORY {reference!r} is not module:factory, e.g. nnx_models:MLP")
   try:
     module = importlib.import_module(module_name)
-  except ImportError as e:
+  except ModuleNotFoundError as e:
+    if e.name is None or not (module_name == e.name or module_name.startswith(f"{e.name}.")):
+      raise UsageError(f"importing {module_name!r} (FACTORY {reference}) failed: {_user_code_failed(e)}") from None
     raise UsageError(f"cannot import {module_name!r} ({e}); is it installed or on PYTHONPATH?") from None
-  factory = getattr(module, attribute, None)
+  except Exception as e:  # the user's module ran and failed: SyntaxError, ImportError inside it, ...
+    raise UsageError(f"importing {module_name!r} (FACTORY {reference}) failed: {_user_code_failed(e)}") from None
+  factory = module
+  for part in attribute.split("."):
+    factory = getattr(factory, part, None)
   if not callable(factory):
-    raise UsageError(f"{module_name} has no callable {attribute!r}")
+    names = [name for name in dir(module) if not name.startswith("_")]
+    close = difflib.get_close_matches(attribute, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise UsageError(f"{module_name} has no callable {attribute!r} (FACTORY {reference}){hint}")
   return factory
 
 
@@ -96,9 +348,44 @@ def _parse_literal(text: str):
     return text
 
 
+def _methods(model: Any) -> list[str]:
+  """The methods the model's own classes define (not nnx.Module's)."""
+  from flax import nnx
+
+  names = []
+  for cls in type(model).__mro__:
+    if cls in nnx.Module.__mro__:
+      break
+    names += [name for name, value in vars(cls).items() if callable(value) and (name == "__call__" or name[0] != "_")]
+  return sorted(set(names))
+
+
+def _check_model_accepts(model: Any, functions: dict[str, Any], options: argparse.Namespace) -> None:
+  """Traces each function's method abstractly (no compiling), so that the model's own exceptions are usage errors."""
+  import jax
+  from flax import nnx
+
+  graphdef, state = nnx.split(model)
+  for mode, spec in functions.items():
+
+    def trace(state, *args, spec=spec):
+      return spec.fn(nnx.merge(graphdef, state), *args)
+
+    try:
+      jax.eval_shape(trace, state, *spec.args)
+    except Exception as e:  # the model rejects these inputs: wrong count, shapes or dtypes, or its own bug
+      given = " ".join(f"--input {s}" for s in options.input) or "no --input"
+      hint = (
+        "pass one --input per argument, e.g. --input 8x2xf32" if not options.input else "check --input and --method"
+      )
+      raise UsageError(
+        f"{type(model).__name__}.{options.method} ({mode} mode) failed on {given}: {_user_code_failed(e)}; {hint}"
+      ) from None
+
+
 @contextmanager
 def progress(message: str) -> Iterator[None]:
-  """Prints ``message``, then the elapsed seconds every few seconds until the block ends."""
+  """Prints ``message``, then the elapsed seconds every few seconds until the block ends (then the total)."""
   print(f"{message} ...", file=sys.stderr, flush=True)
   done, start = threading.Event(), time.perf_counter()
 
@@ -113,10 +400,30 @@ def progress(message: str) -> Iterator[None]:
   finally:
     done.set()
     thread.join()
-    print(f"  done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+  print(f"  done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)  # not after a failure
+
+
+def _check_out(out: pathlib.Path) -> None:
+  """``build --out`` must be new, or an artifact (which is replaced)."""
+  if out.is_symlink() or (out.exists() and not out.is_dir()):
+    raise UsageError(f"--out {str(out)!r} exists and is not a directory; choose another path")
+  if out.is_dir() and not (out / "manifest.json").is_file():
+    raise UsageError(
+      f"--out {str(out)!r} exists and is not an nnx-metal artifact; nnx-metal replaces only artifacts: "
+      "choose another directory"
+    )
+  _check_can_create(out, "--out")
 
 
 def build(options: argparse.Namespace) -> int:
+  for spec in options.input:
+    if spec.startswith("@") or "=" in spec:
+      raise UsageError(f"--input {spec!r}: build takes shapes such as 8x2xf32; values (=0.5, @x.npy) are for run")
+  shapes = [parse_shape(spec) for spec in options.input]
+  if not -(1 << 63) <= options.seed < 1 << 63:
+    raise UsageError(f"--seed {options.seed} is out of range; use an integer in [-2**63, 2**63)")
+  _check_out(options.out)
+
   import jax
   from flax import nnx
 
@@ -125,48 +432,96 @@ def build(options: argparse.Namespace) -> int:
   factory = load_factory(options.factory)
   args = [_parse_literal(a) for a in options.args.split(",")] if options.args else []
   rngs_kwargs = {"rngs": nnx.Rngs(options.seed)} if not options.no_rngs else {}
+  shown = ", ".join([*map(repr, args), *(["rngs=nnx.Rngs(SEED)"] if rngs_kwargs else [])])
   try:
     model = factory(*args, **rngs_kwargs)
-  except TypeError as e:
-    raise UsageError(f"{options.factory}({options.args or ''}) failed: {e}; check --args and --no-rngs") from None
+  except Exception as e:  # the user's factory failed: report it, not our traceback
+    hint = "check --args and --no-rngs" if isinstance(e, TypeError) else "check the factory and --args"
+    raise UsageError(f"{options.factory}({shown}) failed: {_user_code_failed(e)}; {hint}") from None
   if not isinstance(model, nnx.Module):
-    raise UsageError(f"{options.factory} returned a {type(model).__name__}, not an nnx.Module")
-  inputs = [jax.ShapeDtypeStruct(*parse_shape(spec)) for spec in options.input]
+    raise UsageError(f"{options.factory}({shown}) returned a {type(model).__name__}, not an nnx.Module")
+  if not callable(getattr(model, options.method, None)):
+    raise UsageError(
+      f"--method {options.method!r}: {type(model).__name__} has no method {options.method!r}; "
+      f"it has {', '.join(_methods(model)) or 'none'}"
+    )
+  inputs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
   modes = ["train", "eval"] if options.mode == "both" else [options.mode]
   functions = {mode: method(options.method, *inputs, mode=mode) for mode in modes}
+  _check_model_accepts(model, functions, options)
   with progress(f"lowering and compiling {type(model).__name__}.{options.method} for {options.target}"):
     artifact = export(model, functions, target=options.target, cache=not options.no_cache)
-  artifact.save(options.out)
+  try:
+    artifact.save(options.out)
+  except OSError as e:
+    if not _concerns(e, options.out.parent):
+      raise
+    raise UsageError(f"--out {str(options.out)!r}: cannot write {e.filename} ({e.strerror or e})") from None
   for name, spec in artifact.functions.items():
     print(f"{name}: {spec.dispatch_count} dispatches")
   print(f"wrote {options.out}{' (compiled module from the cache)' if artifact.from_cache else ''}")
   return 0
 
 
+def _leaves(tree: Any) -> list[Any]:
+  """The arrays of a function's return value, in order (tuples, lists, dicts by key, None)."""
+  if isinstance(tree, tuple | list):
+    return [leaf for item in tree for leaf in _leaves(item)]
+  if isinstance(tree, dict):
+    return [leaf for key in tree for leaf in _leaves(tree[key])]
+  return [] if tree is None else [tree]
+
+
 def run(options: argparse.Namespace) -> int:
-  artifact = Artifact.open(options.artifact)
-  if options.function not in artifact.functions:
-    raise UsageError(f"{options.artifact} has no function {options.function!r}; it has {', '.join(artifact.functions)}")
-  program = Program(artifact, device=options.device)
-  outputs = program.functions[options.function](*[parse_value(spec) for spec in options.input])
-  leaves = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+  values = [parse_input(spec) for spec in options.input]  # reads .npy headers only
+  artifact = open_artifact(options.artifact)
+  function = artifact.functions.get(options.function)
+  if function is None:
+    raise UsageError(
+      f"--function: {options.artifact} has no function {options.function!r}; it has {', '.join(artifact.functions)}"
+    )
+  check_inputs(function, values)  # before allocating anything
+  if options.output is not None:
+    text = os.fspath(options.output)
+    output = pathlib.Path(text if text.endswith(".npy") else f"{text}.npy")  # as np.save names it
+    if output.is_dir():
+      raise UsageError(f"--output {str(options.output)!r} is a directory; give a file name such as y.npy")
+    _check_can_create(output, "--output", parent_must_exist=True)
+    if not function.outputs:
+      raise UsageError(f"--output: {function.name} returns no arrays, so there is nothing to save")
+  program = artifact.load(device=options.device)
+  outputs = program.functions[options.function](*[value.array() for value in values])
+  leaves = _leaves(outputs)
   for index, leaf in enumerate(leaves):
     array = np.asarray(leaf)
     print(f"result[{index}]: {array.dtype}{list(array.shape)}")
     print(np.array2string(array, threshold=20, precision=5))
-  if options.output:
-    np.save(options.output, np.asarray(leaves[0]))
+  if options.output is not None:
+    try:
+      np.save(options.output, np.asarray(leaves[0]))
+    except OSError as e:
+      if not _concerns(e, output.parent):
+        raise
+      raise UsageError(f"--output {str(options.output)!r}: cannot write it ({e.strerror or e})") from None
   return 0
 
 
 def inspect(options: argparse.Namespace) -> int:
-  artifact = Artifact.open(options.artifact)
+  artifact = open_artifact(options.artifact)
   manifest = artifact.manifest
   if options.html:
     from ._report import write_report
 
-    with progress(f"writing the report of {options.artifact}"):
-      write_report(artifact, options.html)
+    if options.html.is_dir():
+      raise UsageError(f"--html {str(options.html)!r} is a directory; give a file name such as report.html")
+    _check_can_create(options.html, "--html")
+    try:
+      with progress(f"writing the report of {options.artifact}"):
+        write_report(artifact, options.html)
+    except OSError as e:
+      if not _concerns(e, options.html.parent):
+        raise
+      raise UsageError(f"--html {str(options.html)!r}: cannot write {e.filename} ({e.strerror or e})") from None
     print(f"wrote {options.html}")
     return 0
   if options.json:
@@ -175,7 +530,7 @@ def inspect(options: argparse.Namespace) -> int:
   print(f"{manifest.model} for {manifest.target.name} (iree {manifest.versions.get('iree-base-compiler', '?')})")
   print(f"SPIR-V race check: {manifest.hazard_check}")
   print("functions:")
-  for name, spec in artifact.functions.items():
+  for spec in artifact.functions.values():
     print(f"  {spec.signature()}: {spec.dispatch_count} dispatches, updates {len(spec.updates)}")
   print("state:")
   for variable in artifact.state:
@@ -185,7 +540,7 @@ def inspect(options: argparse.Namespace) -> int:
 
 def check(options: argparse.Namespace) -> int:
   """Re-checks the SPIR-V kernels an artifact ships for data races (exit 1 if any)."""
-  artifact = Artifact.open(options.artifact)
+  artifact = open_artifact(options.artifact)
   kernels = artifact.spirv()
   if not kernels:
     print(f"{options.artifact} holds no SPIR-V kernels (target {artifact.target}): nothing to check")
@@ -199,10 +554,30 @@ def check(options: argparse.Namespace) -> int:
 
 
 def bench(options: argparse.Namespace) -> int:
+  from nnx_models import ZOO
+
+  unknown = [name for name in options.models or () if name not in ZOO]
+  if unknown:
+    raise UsageError(f"--models: unknown model(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ZOO)}")
+  out = pathlib.Path(options.out)
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"--out {options.out!r} exists and is not a directory; choose another path")
+  _check_can_create(out, "--out")
+
   from . import bench as benchmarks
 
   argv = ["--out", str(options.out), "--rounds", str(options.rounds), "--calls", str(options.calls)]
   return benchmarks.main(argv + (["--models", *options.models] if options.models else []))
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} is less than 1")
+  return value
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -264,8 +639,8 @@ def make_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--out", default="build/bench", help="output directory (default build/bench)")
   p.add_argument("--models", nargs="*", help="zoo models (default: all)")
-  p.add_argument("--rounds", type=int, default=7, help="interleaved rounds after warm-up (default 7)")
-  p.add_argument("--calls", type=int, default=30, help="calls per round (default 30)")
+  p.add_argument("--rounds", type=_positive_int, default=7, help="interleaved rounds after warm-up (default 7)")
+  p.add_argument("--calls", type=_positive_int, default=30, help="calls per round (default 30)")
   p.set_defaults(handler=bench)
   return parser
 
@@ -275,9 +650,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return options.handler(options)
   except UsageError as e:
-    print(f"nnx-metal: error: {e}", file=sys.stderr)
+    print(f"nnx-metal: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
   except NnxMetalError as e:
-    first, *rest = str(e).splitlines()
+    first, *rest = str(e).splitlines() or [""]
     print(f"nnx-metal {options.command}: {type(e).__name__}: {first}", file=sys.stderr)
     if rest:  # compiler diagnostics: kept, but after the one-line summary
       print("\n".join(rest), file=sys.stderr)
