@@ -82,14 +82,17 @@ def _with_device_targets(mlir: str, target: Target) -> str:
 
 
 def _culprit(diagnostics: str, sites: Mapping[str, tuple[OpSite, ...]]) -> str:
-  """``'<error>' at <StableHLO op> at <file:line>`` for the first error iree-compile printed."""
-  match = re.search(r"^(\S+:\d+:\d+): error: (.*)$", diagnostics, re.MULTILINE)
-  if match is None:
+  """``<first error>\n  at <StableHLO op> at <file:line>`` for what iree-compile printed."""
+  first = re.search(r"error: (.*)$", diagnostics, re.MULTILINE)
+  if first is None:
     return ""
-  location, error = match.groups()
-  ops = [site.describe() for scope in sites.values() for site in scope if site.frames[:1] == (location,)]
-  where = "; ".join(dict.fromkeys(ops)) or location
-  return f"{error.strip()}\n  at {where}\n"
+  located = re.search(r"^(\S+:\d+:\d+): error:", diagnostics, re.MULTILINE)
+  where = ""
+  if located:
+    ops = [site.describe() for scope in sites.values() for site in scope if site.frames[:1] == (located.group(1),)]
+    where = "; ".join(dict.fromkeys(ops)) or located.group(1)
+  error = re.sub(r" loc\(.*$", "", first.group(1)).strip()  # the op's location follows; it is printed below
+  return f"{error}\n  at {where}\n" if where else f"{error}\n"
 
 
 def _run(text: str, flags: list[str], target: Target, sites: Mapping[str, tuple[OpSite, ...]]) -> bytes:
