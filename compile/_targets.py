@@ -20,7 +20,7 @@ from ._errors import UnknownTargetError
 _NO_HAL = "IREE has no HAL element type for it (on any target); convert to a type IREE supports, e.g. bfloat16"
 _NO_HAL_ELEMENT_TYPE = (("f4E2M1FN", _NO_HAL), ("f6E2M3FN", _NO_HAL), ("f6E3M2FN", _NO_HAL))
 # The SPIR-V rewrites of compile/_rewrites.py, in the order they run.
-SPIRV_REWRITES = ("split_grouped_convolutions", "isolate_reductions")  # TODO(bf16): widen_bfloat16 first
+SPIRV_REWRITES = ("widen_bfloat16", "split_grouped_convolutions", "isolate_reductions")
 # lavapipe (Mesa 22.3) runs subgroup operations over at most 16 lanes: with
 # LP_NATIVE_VECTOR_WIDTH=1024 it reports 32 but a subgroup reduction adds only 16.
 STANDIN_SUBGROUP_SIZE = 16

@@ -1,13 +1,15 @@
 """Artifacts: saved atomically, verified on load, loadable without JAX, runnable with IREE's own tools."""
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,7 +17,7 @@ from flax import nnx
 import compile as nnxc
 from compile.runtime import _artifact, _manifest
 from nnx_models import ZOO
-from tests.conftest import assert_trees_allclose
+from tests.conftest import assert_trees_allclose, require_device
 
 BATCH = 4
 # iree-base-runtime's iree-run-module, through the package: found in any environment, activated or not.
@@ -247,3 +249,30 @@ def test_the_runtime_imports_no_jax():
   script = "import sys\nimport compile.runtime, compile\nassert not {'jax', 'flax', 'jaxlib'} & set(sys.modules), sorted(sys.modules)"
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("target", ["cpu", "metal-vulkan"])
+def test_16_bit_float_state_round_trips_through_the_parameter_archive(dtype, target, tmp_path):
+  require_device(target)
+  model = nnx.Linear(4, 3, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+  x = np.linspace(-1, 1, 8).reshape(2, 4).astype(jnp.dtype(dtype))
+  program = nnxc.export(model, {"f": nnxc.method("__call__", x)}, target=target).load()
+  program.set_arrays({"bias": np.full(3, 0.3, jnp.dtype(dtype))})  # a value only 16-bit rounding gives
+  program.save(tmp_path / "a")
+  reloaded = nnxc.load_program(tmp_path / "a")
+  assert reloaded.artifact.manifest.state[0].dtype == dtype
+  assert_trees_allclose(reloaded.state(), program.state(), rtol=0, atol=0)
+  assert reloaded.state()["bias"].get_value().dtype == jnp.dtype(dtype)
+  np.testing.assert_array_equal(reloaded.f(x).astype(np.float32), program.f(x).astype(np.float32))
+
+
+def test_bfloat16_bit_manipulation_is_refused_on_spirv_naming_op_and_line():
+  class Bits(nnx.Module):
+    def __call__(self, x):
+      return jax.lax.bitcast_convert_type(x, jnp.uint16)
+
+  x = np.zeros((4,), jnp.bfloat16)
+  with pytest.raises(nnxc.UnsupportedOpError, match=r"bitcast_convert` at .*test_artifacts\.py:\d+:\d+ reads or writes"):
+    nnxc.export(Bits(), {"f": nnxc.method("__call__", x)}, target="metal")
+  assert nnxc.export(Bits(), {"f": nnxc.method("__call__", x)}, target="cpu").load().f(x).dtype == np.uint16
