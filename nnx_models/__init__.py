@@ -19,6 +19,8 @@ from ._lora import lora as lora
 from ._lora import merge_lora as merge_lora
 from ._mlp import MLP as MLP
 from ._mlp import StackedMLP as StackedMLP
+from ._realistic import REALISTIC as REALISTIC
+from ._realistic import RealisticEntry as RealisticEntry
 from ._regression import LinearRegression as LinearRegression
 from ._regression import make_regression_data as make_regression_data
 from ._vae import EMA as EMA

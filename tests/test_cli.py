@@ -1,14 +1,21 @@
 """The nnx-metal command: build, run, inspect, bench; user mistakes are one line and exit 2."""
 
+import hashlib
 import importlib.metadata
+import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from flax import nnx
 
 import compile as nnxc
+from compile import _cli_inputs as cli_inputs
+from compile import cli
 from compile.runtime import Manifest
 from nnx_models import MLP
 
@@ -94,3 +101,575 @@ def test_bench_runs_through_the_cli(tmp_path):
   result = nnx_metal("bench", "--out", str(tmp_path), "--models", "linear", "--rounds", "1", "--calls", "2")
   assert result.returncode == 0, result.stderr
   assert (tmp_path / "bench.md").read_text().count("| linear |") == 4  # 3 batch sizes, 1 compile row
+
+
+# Bad arguments, table-driven: every user mistake is one line on stderr, exit status 2, no traceback.
+
+USER_MODULES = {
+  "cli_syntax_error": "def broken(:\n",
+  "cli_import_error_inside": "from os import no_such_name\n",
+  "cli_missing_dependency": "import no_such_dependency_of_the_user\n",
+  "cli_raises_at_import": "raise RuntimeError('configuration file not found')\n",
+  "cli_name_error": "undefined_name + 1\n",
+  "cli_factories": """
+import jax.numpy as jnp
+from flax import nnx
+
+
+def raises(*, rngs):
+  raise ValueError("the factory broke")
+
+
+def raises_empty(*, rngs):
+  raise RuntimeError()
+
+
+def raises_multiline(*, rngs):
+  raise RuntimeError("first line\\nsecond line\\nthird line")
+
+
+def raises_key_error(*, rngs):
+  return {}["missing"]
+
+
+def returns_int(*, rngs):
+  return 3
+
+
+def returns_none(*, rngs):
+  return None
+
+
+NOT_CALLABLE = 3
+
+
+class Model(nnx.Module):
+  def __init__(self, *, rngs):
+    self.w = nnx.Param(jnp.ones((2, 3)))
+    self.size = 3
+    self.deterministic = True
+
+  def __call__(self, x):
+    return x @ self.w
+
+  def rejects(self, x):
+    raise ValueError("Model.rejects takes nothing")
+
+  def branchy(self, x):
+    if x.sum() > 0:
+      return x
+    return -x
+
+  def eval_only(self, x):
+    if not self.deterministic:
+      raise NotImplementedError("no train mode")
+    return x @ self.w
+
+  def multiline(self, x):
+    raise ValueError("line one\\nline two\\nline three")
+
+
+class Factory:
+  @staticmethod
+  def create(*, rngs):
+    return Model(rngs=rngs)
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(built, tmp_path_factory):
+  """User modules, .npy files of every kind and broken artifacts, for the bad-argument cases."""
+  ws = tmp_path_factory.mktemp("bad-arguments")
+  (ws / "user").mkdir()
+  for name, source in USER_MODULES.items():
+    (ws / "user" / f"{name}.py").write_text(source)
+  x = np.zeros((8, 2), np.float32)
+  np.save(ws / "x.npy", x)
+  np.save(ws / "x83.npy", np.zeros((8, 3), np.float32))
+  np.save(ws / "x64.npy", x.astype(np.float64))
+  np.save(ws / "big.npy", np.zeros((1000, 1000), np.float32))
+  np.save(ws / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+  np.savez(ws / "x.npz", x=x)
+  full = (ws / "x.npy").read_bytes()
+  (ws / "truncated.npy").write_bytes(full[:-10])
+  (ws / "bad_header.npy").write_bytes(full[:10] + b"{'descr': not python}".ljust(len(full) - 10))
+  (ws / "magic_only.npy").write_bytes(full[:8])
+  (ws / "text.npy").write_text("1 2 3\n4 5 6\n")
+  (ws / "empty.npy").write_bytes(b"")
+  # A header that claims 100000x100000 float32 (40 GB) over 8 bytes of data.
+  header = "{'descr': '<f4', 'fortran_order': False, 'shape': (100000, 100000), }".ljust(117) + "\n"
+  (ws / "claims_40gb.npy").write_bytes(
+    b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + bytes(8)
+  )
+  (ws / "a_file").write_text("not a directory")
+  (ws / "not_an_artifact").mkdir()
+  (ws / "not_an_artifact" / "notes.txt").write_text("mine")
+  (ws / "empty_dir").mkdir()
+  (ws / "report_dir").mkdir()
+  (ws / "folder.npy").mkdir()
+
+  def broken(name, change):
+    shutil.copytree(built, ws / name)
+    change(ws / name)
+
+  def edit_manifest(directory, edit):
+    manifest = json.loads((directory / "manifest.json").read_text())
+    edit(manifest)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+  def garbage_spirv(directory):
+    (directory / "spirv").mkdir()
+    (directory / "spirv" / "bad.spv").write_bytes(b"not SPIR-V at all")
+    edit_manifest(
+      directory, lambda m: m["files"].update({"spirv/bad.spv": hashlib.sha256(b"not SPIR-V at all").hexdigest()})
+    )
+
+  def manifest_dir(directory):
+    (directory / "manifest.json").unlink()
+    (directory / "manifest.json").mkdir()
+
+  broken("no_module", lambda d: (d / "module.vmfb").unlink())
+  broken("corrupt_module", lambda d: (d / "module.vmfb").write_bytes(b"\0" * 64))
+  broken("garbage_manifest", lambda d: (d / "manifest.json").write_text("this is not JSON"))
+  broken("foreign_manifest", lambda d: (d / "manifest.json").write_text('{"format": "something else"}'))
+  broken("manifest_is_dir", manifest_dir)
+  broken("edited_manifest", lambda d: edit_manifest(d, lambda m: m["functions"]["eval"].update(dispatch_count=-1)))
+  broken("garbage_spirv", garbage_spirv)
+  return ws
+
+
+BUILD_MLP = ["build", "nnx_models:MLP", "--args", "2,16,5", "--target", "cpu", "--out", "{ws}/never"]
+FACTORIES = ["--target", "cpu", "--out", "{ws}/never"]
+RUN = ["run", "{built}", "--function", "eval"]
+
+# (argv, text the one-line message must hold: it names the offending argument). {built}: the MLP artifact
+# (eval takes float32[8, 2]); {ws}: the workspace above, whose user/ folder is on the path.
+BAD_ARGUMENTS = {
+  # build FACTORY: malformed, not importable, failing on import, no such callable
+  "factory without colon": (
+    ["build", "nnx_models", "--input", "2xf32", "--out", "x"],
+    "'nnx_models' is not module:factory",
+  ),
+  "factory without callable": (
+    ["build", "nnx_models:", "--input", "2xf32", "--out", "x"],
+    "'nnx_models:' is not module",
+  ),
+  "factory without module": (["build", ":MLP", "--input", "2xf32", "--out", "x"], "':MLP' is not module:factory"),
+  "factory relative module": (["build", ".nnx_models:MLP", "--out", "x"], "'.nnx_models:MLP' is not module:factory"),
+  "factory with spaces": (["build", "nnx models:MLP", "--out", "x"], "'nnx models:MLP' is not module:factory"),
+  "module not found": (
+    ["build", "no_such_module:f", "--input", "2xf32", "--out", "x"],
+    "cannot import 'no_such_module'",
+  ),
+  "package not found": (["build", "no_such_package.sub:f", "--out", "x"], "cannot import 'no_such_package.sub'"),
+  "submodule not found": (["build", "nnx_models.nope:f", "--out", "x"], "cannot import 'nnx_models.nope'"),
+  "module syntax error": (["build", "cli_syntax_error:f", "--out", "x"], "importing 'cli_syntax_error' (FACTORY"),
+  "import error inside module": (
+    ["build", "cli_import_error_inside:f", "--out", "x"],
+    "importing 'cli_import_error_inside' (FACTORY cli_import_error_inside:f) failed: ImportError: cannot import name",
+  ),
+  "missing dependency of module": (
+    ["build", "cli_missing_dependency:f", "--out", "x"],
+    "importing 'cli_missing_dependency' (FACTORY cli_missing_dependency:f) failed: ModuleNotFoundError",
+  ),
+  "module raises at import": (
+    ["build", "cli_raises_at_import:f", "--out", "x"],
+    "failed: RuntimeError: configuration file not found (at ",
+  ),
+  "module name error": (
+    ["build", "cli_name_error:f", "--out", "x"],
+    "'cli_name_error' (FACTORY cli_name_error:f) failed",
+  ),
+  "no such callable": (
+    ["build", "nnx_models:Nope", "--input", "2xf32", "--out", "x"],
+    "nnx_models has no callable 'Nope'",
+  ),
+  "callable misspelled": (
+    ["build", "nnx_models:mlp", "--out", "x"],
+    "no callable 'mlp' (FACTORY nnx_models:mlp); did you mean 'MLP'",
+  ),
+  "not callable": (
+    ["build", "cli_factories:NOT_CALLABLE", "--out", "x"],
+    "cli_factories.NOT_CALLABLE is int 3, not a callable (FACTORY cli_factories:NOT_CALLABLE)",
+  ),
+  "nested not callable": (["build", "cli_factories:Factory.nope", "--out", "x"], "no callable 'Factory.nope'"),
+  # build: the factory fails or returns something else
+  "factory raises": (
+    ["build", "cli_factories:raises", "--input", "2xf32", *FACTORIES],
+    "cli_factories:raises(rngs=nnx.Rngs(SEED)) failed: ValueError: the factory broke (at ",
+  ),
+  "factory raises without message": (
+    ["build", "cli_factories:raises_empty", *FACTORIES],
+    "cli_factories:raises_empty(rngs=nnx.Rngs(SEED)) failed: RuntimeError (at",
+  ),
+  "factory raises multi-line message": (
+    ["build", "cli_factories:raises_multiline", *FACTORIES],
+    "cli_factories:raises_multiline(rngs=nnx.Rngs(SEED)) failed: RuntimeError: first line (at",
+  ),
+  "factory raises KeyError": (["build", "cli_factories:raises_key_error", *FACTORIES], "failed: KeyError: 'missing'"),
+  "too few --args": (["build", "nnx_models:MLP", "--args", "2", "--input", "2xf32", "--out", "x"], "check --args"),
+  "too many --args": (["build", "nnx_models:MLP", "--args", "2,16,5,7", "--out", "x"], "nnx_models:MLP(2, 16, 5, 7, "),
+  "--args of the wrong type": (["build", "nnx_models:MLP", "--args", "two,16,5", "--out", "x"], "nnx_models:MLP('two'"),
+  "--no-rngs where rngs are needed": (
+    ["build", "nnx_models:MLP", "--args", "2,16,5", "--no-rngs", "--out", "x"],
+    "nnx_models:MLP(2, 16, 5) failed: TypeError",
+  ),
+  "rngs where none are taken": (
+    ["build", "cli_factories:Model", "--args", "1", *FACTORIES],
+    "check --args and --no-rngs",
+  ),
+  "factory returns an int": (
+    ["build", "cli_factories:returns_int", *FACTORIES],
+    "returns_int(rngs=nnx.Rngs(SEED)) returned int 3, not an nnx.Module",
+  ),
+  "factory returns None": (
+    ["build", "cli_factories:returns_none", *FACTORIES],
+    "returned NoneType None, not an nnx.Module",
+  ),
+  "--seed out of range": (["build", "nnx_models:MLP", "--seed", str(2**64), "--out", "x"], f"--seed {2**64} is out"),
+  # build: the method, and the model rejecting the inputs
+  "--method missing": ([*BUILD_MLP, "--input", "8x2xf32", "--method", "nope"], "--method 'nope': MLP has no method"),
+  "--method not callable": (
+    ["build", "cli_factories:Model", "--input", "2xf32", "--method", "size", *FACTORIES],
+    "--method 'size': Model has no method 'size'; it has __call__, branchy, eval_only, multiline, rejects",
+  ),
+  "no --input": ([*BUILD_MLP], "MLP.__call__ (train mode) failed on no --input: TypeError"),
+  "too many --input": (
+    [*BUILD_MLP, "--input", "8x2xf32", "--input", "8x2xf32"],
+    "failed on --input 8x2xf32 --input",
+  ),
+  "shape the model rejects": (
+    [*BUILD_MLP, "--input", "8x3xf32"],
+    "MLP.__call__ (train mode) failed on --input 8x3xf32",
+  ),
+  "rank the model rejects": ([*BUILD_MLP, "--input", "8x2x3x4xf32"], "failed on --input 8x2x3x4xf32"),
+  "model raises": (
+    ["build", "cli_factories:Model", "--input", "2xf32", "--method", "rejects", *FACTORIES],
+    "Model.rejects (train mode) failed on --input 2xf32: ValueError: Model.rejects takes nothing (at ",
+  ),
+  "model branches on a traced value": (
+    ["build", "cli_factories:Model", "--input", "2xf32", "--method", "branchy", *FACTORIES],
+    "Model.branchy (train mode) failed on --input 2xf32: TracerBoolConversionError",
+  ),
+  "model fails in train mode only": (
+    ["build", "cli_factories:Model", "--input", "2xf32", "--method", "eval_only", *FACTORIES],
+    "Model.eval_only (train mode) failed on --input 2xf32: NotImplementedError: no train mode",
+  ),
+  "model raises multi-line message": (
+    ["build", "cli_factories:Model", "--input", "2xf32", "--method", "multiline", "--mode", "eval", *FACTORIES],
+    "Model.multiline (eval mode) failed on --input 2xf32: ValueError: line one (at",
+  ),
+  # build --input shapes
+  "unknown element type": ([*BUILD_MLP, "--input", "8x2xq8"], "--input '8x2xq8' has unknown element type 'q8'"),
+  "element type in capitals": (
+    [*BUILD_MLP, "--input", "8x2xF32"],
+    "--input '8x2xF32' has unknown element type 'F32'",
+  ),
+  "no element type": ([*BUILD_MLP, "--input", "8x2"], "--input '8x2' has unknown element type '2'"),
+  "trailing x": ([*BUILD_MLP, "--input", "8x2x"], "--input '8x2x' ends without an element type"),
+  "empty --input": ([*BUILD_MLP, "--input", ""], "--input '' is empty"),
+  "negative dimension": (
+    [*BUILD_MLP, "--input=-1x2xf32"],
+    "--input '-1x2xf32': dimension -1 is negative; dimensions must be >= 0",
+  ),
+  "negative inner dimension": ([*BUILD_MLP, "--input", "8x-2xf32"], "dimension -2 is negative"),
+  "empty dimension": ([*BUILD_MLP, "--input", "8xx2xf32"], "--input '8xx2xf32': dimension '' is not an integer"),
+  "non-integer dimension": (
+    [*BUILD_MLP, "--input", "ax2xf32"],
+    "--input 'ax2xf32': dimension 'a' is not an integer",
+  ),
+  "float dimension": ([*BUILD_MLP, "--input", "1e3x2xf32"], "dimension '1e3' is not an integer"),
+  "non-ASCII digit": ([*BUILD_MLP, "--input", "\u0663x2xf32"], "is not an integer"),
+  "huge dimension": ([*BUILD_MLP, "--input", f"{10**20}x2xf32"], "is larger than 2**40"),
+  "too many elements": ([*BUILD_MLP, "--input", "1048576x1048576x2xf32"], "elements, more than 2**40"),
+  "fill value in build": ([*BUILD_MLP, "--input", "8x2xf32=0.5"], "--input '8x2xf32=0.5': build takes shapes"),
+  "file in build": ([*BUILD_MLP, "--input", "@x.npy"], "--input '@x.npy': build takes shapes"),
+  # build --out
+  "--out is a file": (["build", "nnx_models:MLP", "--out", "{ws}/a_file"], "a_file' exists and is not a directory"),
+  "--out under a file": (["build", "nnx_models:MLP", "--out", "{ws}/a_file/mlp"], "a_file is not a directory"),
+  "--out is not an artifact": (
+    ["build", "nnx_models:MLP", "--out", "{ws}/not_an_artifact"],
+    "is not an nnx-metal artifact",
+  ),
+  "--out is an empty directory": (
+    ["build", "nnx_models:MLP", "--out", "{ws}/empty_dir"],
+    "is not an nnx-metal artifact",
+  ),
+  # run: the artifact and --function
+  "run missing artifact": (["run", "/nonexistent", "--function", "eval"], "ArtifactError: /nonexistent is not an nnx"),
+  "run file as artifact": (["run", "{ws}/a_file", "--function", "eval"], "a_file is not an nnx-metal artifact"),
+  "run empty directory": (["run", "{ws}/empty_dir", "--function", "eval"], "empty_dir is not an nnx-metal artifact"),
+  "run corrupt module": (["run", "{ws}/corrupt_module", "--function", "eval"], "module.vmfb is corrupt or was changed"),
+  "--function missing": (["run", "{built}", "--function", "predict"], "has no function 'predict'; it has train, eval"),
+  "--device unknown": (
+    ["run", "{built}", "--function", "eval", "--input", "8x2xf32", "--device", "nope"],
+    "not 'nope'",
+  ),
+  # run --input against the signature (checked before anything is allocated)
+  "run shape mismatch": (
+    [*RUN, "--input", "8x3xf32"],
+    "SignatureError: eval input args[0]: expected float32[8, 2], got float32[8, 3] from --input '8x3xf32'",
+  ),
+  "run dtype mismatch": ([*RUN, "--input", "8x2xf64"], "got float64[8, 2] from --input '8x2xf64'"),
+  "run integer for float": ([*RUN, "--input", "8x2xi32=1"], "got int32[8, 2] from --input '8x2xi32=1'"),
+  "run scalar for array": ([*RUN, "--input", "f32"], "got float32[] from --input 'f32'"),
+  "run huge shape": (
+    [*RUN, "--input", "100000x100000xf32"],
+    "got float32[100000, 100000] from --input '100000x100000xf32'",
+  ),
+  "run too few inputs": (RUN, "eval takes 1 input(s), got 0 --input"),
+  "run too many inputs": ([*RUN, "--input", "8x2xf32", "--input", "8x2xf32"], "eval takes 1 input(s), got 2 --input"),
+  # run --input values
+  "run unknown element type": ([*RUN, "--input", "8x2xq8"], "unknown element type 'q8'"),
+  "run negative dimension": ([*RUN, "--input=-8x2xf32=1"], "dimension -8 is negative"),
+  "fill not a number": (
+    [*RUN, "--input", "8x2xf32=abc"],
+    "--input '8x2xf32=abc': the fill value 'abc' is not a number",
+  ),
+  "fill empty": ([*RUN, "--input", "8x2xf32="], "--input '8x2xf32=': no fill value after '='"),
+  "fill list": ([*RUN, "--input", "8x2xf32=1,2"], "the fill value '1,2' is not a number"),
+  "fill twice": ([*RUN, "--input", "8x2xf32=1=2"], "the fill value '1=2' is not a number"),
+  "fill out of range for f16": ([*RUN, "--input", "8x2xf16=1e10"], "the fill value 1e10 is out of range for float16"),
+  "fill out of range for f32": ([*RUN, "--input", "8x2xf32=1e999"], "the fill value 1e999 is out of range for float32"),
+  "fill with 5000 digits": ([*RUN, "--input", "8x2xi64=" + "9" * 5000], "is out of range for int64"),
+  "dimension with 5000 digits": (
+    [*RUN, "--input", "9" * 5000 + "xf32"],
+    "dimension 99999999...(5000 digits) is larger",
+  ),
+  "fill out of range for i8": (
+    [*RUN, "--input", "8x2xi8=300"],
+    "the fill value 300 is out of range for int8 [-128, 127]",
+  ),
+  "negative fill for unsigned": ([*RUN, "--input", "8x2xu8=-1"], "out of range for uint8"),
+  "fraction for an integer": (
+    [*RUN, "--input", "8x2xi32=0.5"],
+    "the fill value '0.5' is not an integer, which int32 needs",
+  ),
+  "fill not a bool": ([*RUN, "--input", "8x2xi1=2"], "the fill value '2' is not a bool"),
+  # run --input files
+  "@ without a file": ([*RUN, "--input", "@"], "--input '@' names no file"),
+  "@ missing file": ([*RUN, "--input", "@{ws}/missing.npy"], "missing.npy (No such file or directory)"),
+  "@ directory": ([*RUN, "--input", "@{ws}/empty_dir"], "empty_dir (Is a directory)"),
+  "@ text file": ([*RUN, "--input", "@{ws}/text.npy"], "text.npy is not a .npy file"),
+  "@ empty file": ([*RUN, "--input", "@{ws}/empty.npy"], "empty.npy is not a .npy file"),
+  "@ npz archive": ([*RUN, "--input", "@{ws}/x.npz"], "x.npz is a .npz archive"),
+  "@ corrupt header": ([*RUN, "--input", "@{ws}/bad_header.npy"], "bad_header.npy is a corrupt .npy file"),
+  "@ header cut short": ([*RUN, "--input", "@{ws}/magic_only.npy"], "magic_only.npy is a corrupt .npy file"),
+  "@ truncated data": ([*RUN, "--input", "@{ws}/truncated.npy"], "truncated.npy is truncated"),
+  "@ pickled objects": ([*RUN, "--input", "@{ws}/objects.npy"], "got object[2] from --input"),
+  "@ wrong shape": ([*RUN, "--input", "@{ws}/x83.npy"], "got float32[8, 3] from --input '@"),
+  "@ wrong dtype": ([*RUN, "--input", "@{ws}/x64.npy"], "got float64[8, 2] from --input '@"),
+  "@ large file": ([*RUN, "--input", "@{ws}/big.npy"], "got float32[1000, 1000] from --input '@"),
+  "@ header claims 40 GB": ([*RUN, "--input", "@{ws}/claims_40gb.npy"], "claims_40gb.npy is truncated"),
+  # run --output
+  "--output in a missing directory": (
+    [*RUN, "--input", "8x2xf32", "--output", "{ws}/missing/y.npy"],
+    "--output '{ws}/missing/y.npy': the directory {ws}/missing does not exist",
+  ),
+  "--output is a directory": (
+    [*RUN, "--input", "8x2xf32", "--output", "{ws}/folder.npy"],
+    "folder.npy' is a directory",
+  ),
+  "--output under a file": ([*RUN, "--input", "8x2xf32", "--output", "{ws}/a_file/y.npy"], "a_file is not a directory"),
+  # inspect and check on bad artifact directories
+  "inspect missing artifact": (["inspect", "/nonexistent"], "inspect: ArtifactError: /nonexistent is not an nnx-metal"),
+  "inspect file": (["inspect", "{ws}/a_file"], "a_file is not an nnx-metal artifact: it is not a directory"),
+  "inspect empty directory": (
+    ["inspect", "{ws}/empty_dir"],
+    "empty_dir is not an nnx-metal artifact: it has no manifest",
+  ),
+  "inspect missing module": (["inspect", "{ws}/no_module"], "module.vmfb is missing"),
+  "inspect garbage manifest": (["inspect", "{ws}/garbage_manifest"], "manifest.json is not valid JSON"),
+  "inspect foreign manifest": (["inspect", "{ws}/foreign_manifest"], "manifest.json is not an nnx-metal manifest"),
+  "inspect manifest is a directory": (["inspect", "{ws}/manifest_is_dir"], "manifest.json is not a regular file"),
+  "inspect edited manifest": (["inspect", "{ws}/edited_manifest"], "functions.eval.dispatch_count must be an integer"),
+  "inspect --json bad artifact": (["inspect", "{ws}/corrupt_module", "--json"], "module.vmfb is corrupt"),
+  "inspect --html missing artifact": (["inspect", "/nonexistent", "--html", "{ws}/r.html"], "/nonexistent is not an"),
+  "inspect --html corrupt module": (
+    ["inspect", "{ws}/corrupt_module", "--html", "{ws}/r.html"],
+    "module.vmfb is corrupt",
+  ),
+  "inspect --html garbage manifest": (
+    ["inspect", "{ws}/garbage_manifest", "--html", "{ws}/r.html"],
+    "is not valid JSON",
+  ),
+  "inspect --html is a directory": (
+    ["inspect", "{built}", "--html", "{ws}/report_dir"],
+    "--html '{ws}/report_dir' is a directory",
+  ),
+  "inspect --html under a file": (["inspect", "{built}", "--html", "{ws}/a_file/r.html"], "a_file is not a directory"),
+  "check missing artifact": (["check", "/nonexistent"], "check: ArtifactError: /nonexistent is not an nnx-metal"),
+  "check empty directory": (["check", "{ws}/empty_dir"], "empty_dir is not an nnx-metal artifact"),
+  "check garbage manifest": (["check", "{ws}/garbage_manifest"], "manifest.json is not valid JSON"),
+  "check corrupt module": (["check", "{ws}/corrupt_module"], "module.vmfb is corrupt"),
+  "check manifest is a directory": (["check", "{ws}/manifest_is_dir"], "manifest.json is not a regular file"),
+  "check garbage SPIR-V": (["check", "{ws}/garbage_spirv"], "check: SpirvError: "),
+  # bench
+  "bench unknown model": (["bench", "--models", "nope"], "--models: unknown model(s) 'nope'; choose from "),
+  "bench one unknown model": (
+    ["bench", "--models", "mlp", "nope", "linera"],
+    "unknown model(s) 'nope', 'linera'; choose from",
+  ),
+  "bench --out is a file": (
+    ["bench", "--models", "linear", "--out", "{ws}/a_file"],
+    "--out '{ws}/a_file' exists and is not a directory",
+  ),
+}
+
+# argparse's own usage errors: usage, then one error line, exit status 2.
+USAGE_ERRORS = {
+  "no command": ([], "the following arguments are required: COMMAND"),
+  "unknown command": (["compile"], "invalid choice: 'compile'"),
+  "build without --out": (
+    ["build", "nnx_models:MLP", "--input", "8x2xf32"],
+    "the following arguments are required: --out",
+  ),
+  "build unknown target": ([*BUILD_MLP, "--target", "nope"], "argument --target: invalid choice: 'nope'"),
+  "build unknown mode": ([*BUILD_MLP, "--mode", "nope"], "argument --mode: invalid choice: 'nope'"),
+  "build --seed not an integer": ([*BUILD_MLP, "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+  "run without --function": (["run", "{built}"], "the following arguments are required: --function"),
+  "bench --rounds 0": (["bench", "--rounds", "0"], "argument --rounds: 0 is less than 1"),
+  "bench --calls -1": (["bench", "--calls", "-1"], "argument --calls: -1 is less than 1"),
+  "bench --rounds not an integer": (["bench", "--rounds", "x"], "argument --rounds: 'x' is not an integer"),
+}
+
+# A few of the cases again through a real process, as a user runs them.
+IN_A_PROCESS = [
+  "factory raises",
+  "import error inside module",
+  "shape the model rejects",
+  "negative dimension",
+  "--method missing",
+  "@ corrupt header",
+  "bench unknown model",
+  "check garbage SPIR-V",
+]
+
+
+def _format(args: list[str], built, ws) -> list[str]:
+  return [a.format(built=built, ws=ws) for a in args]
+
+
+def _no_allocation(*args, **kwargs):
+  raise AssertionError("an --input array was allocated before the mistake was found")
+
+
+def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
+  try:
+    status = cli.main(argv)
+  except SystemExit as e:  # argparse
+    status = e.code
+  return status, capsys.readouterr().err
+
+
+def assert_one_line(status: int, stderr: str, message: str) -> None:
+  assert "Traceback" not in stderr, stderr
+  assert status == 2, stderr
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, stderr
+  assert lines[0].startswith(
+    (
+      "nnx-metal: error: ",
+      "nnx-metal build: ",
+      "nnx-metal run: ",
+      "nnx-metal inspect: ",
+      "nnx-metal check: ",
+      "nnx-metal bench: ",
+    )
+  ), stderr
+  assert message in lines[0], stderr
+
+
+def test_there_are_many_bad_argument_cases():
+  assert len(BAD_ARGUMENTS) + len(USAGE_ERRORS) >= 66
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_bad_arguments_are_one_line_with_exit_status_2(case, built, workspace, capsys, monkeypatch):
+  monkeypatch.syspath_prepend(str(workspace / "user"))
+  monkeypatch.setattr(cli_inputs.InputValue, "array", _no_allocation)  # every mistake is found before an input is made
+  monkeypatch.chdir(workspace)
+  args, message = BAD_ARGUMENTS[case]
+  status, stderr = run_in_process(_format(args, built, workspace), capsys)
+  assert_one_line(status, stderr, message.format(built=built, ws=workspace))
+
+
+@pytest.mark.parametrize("case", USAGE_ERRORS)
+def test_argparse_usage_errors_exit_2_without_a_traceback(case, built, workspace, capsys):
+  args, message = USAGE_ERRORS[case]
+  status, stderr = run_in_process(_format(args, built, workspace), capsys)
+  assert status == 2 and "Traceback" not in stderr
+  assert stderr.startswith("usage: nnx-metal") and message in stderr.strip().splitlines()[-1], stderr
+
+
+@pytest.mark.parametrize("case", IN_A_PROCESS)
+def test_bad_arguments_through_the_command(case, built, workspace):
+  args, message = BAD_ARGUMENTS[case]
+  path = [str(workspace / "user"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+  result = subprocess.run(
+    [sys.executable, "-m", "compile.cli", *_format(args, built, workspace)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+    cwd=workspace,
+  )
+  assert_one_line(result.returncode, result.stderr, message.format(built=built, ws=workspace))
+  assert result.stdout == ""
+
+
+def test_run_refuses_a_huge_input_before_allocating_it(built, capsys, monkeypatch):
+  monkeypatch.setattr(cli_inputs.InputValue, "array", _no_allocation)
+  start = time.perf_counter()
+  status, stderr = run_in_process(["run", str(built), "--function", "eval", "--input", "100000x100000xf32"], capsys)
+  assert time.perf_counter() - start < 5
+  assert "MemoryError" not in stderr
+  assert_one_line(
+    status,
+    stderr,
+    "nnx-metal run: SignatureError: eval input args[0]: expected float32[8, 2], got float32[100000, 100000]",
+  )
+
+
+def test_run_fills_inputs_and_saves_where_np_save_would(built, tmp_path, capsys):
+  status = cli.main(
+    ["run", str(built), "--function", "eval", "--input", "8x2xf32=0.5", "--output", str(tmp_path / "y")]
+  )
+  assert status == 0, capsys.readouterr().err
+  assert "result[0]: float32[8, 5]" in capsys.readouterr().out
+  model = MLP(2, 16, 5, rngs=nnx.Rngs(0))
+  model.eval()
+  expected = model(np.full((8, 2), 0.5, np.float32))
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+  "spec, shape, dtype, fill",
+  [
+    ("f32", (), "float32", 0),
+    ("0x3xf32", (0, 3), "float32", 0),
+    ("2x3xbf16=-1.5", (2, 3), "bfloat16", -1.5),
+    ("4xf16=nan", (4,), "float16", float("nan")),
+    ("4xf32=-inf", (4,), "float32", float("-inf")),
+    ("2xi8=-128", (2,), "int8", -128),
+    ("2xu64=18446744073709551615", (2,), "uint64", 2**64 - 1),
+    ("3xi1=true", (3,), "bool", True),
+  ],
+)
+def test_input_values_parse_then_fill(spec, shape, dtype, fill):
+  value = cli_inputs.parse_input(spec)
+  assert (value.shape, value.dtype) == (shape, dtype)
+  np.testing.assert_array_equal(value.array(), np.full(shape, fill, dtype=dtype))
+
+
+def test_internal_errors_keep_their_traceback(built, tmp_path, monkeypatch, capsys):
+  """Only the user's mistakes become one line: a bug of nnx-metal's own (here, in export) still raises."""
+
+  def broken_export(*args, **kwargs):
+    raise RuntimeError("a bug in nnx-metal")
+
+  monkeypatch.setattr("compile._export.export", broken_export)
+  with pytest.raises(RuntimeError, match="a bug in nnx-metal"):
+    cli.main(["build", "nnx_models:MLP", "--args", "2,16,5", "--input", "8x2xf32", "--out", str(tmp_path / "m")])
