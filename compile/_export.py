@@ -102,14 +102,17 @@ def _tensor(leaf: Leaf, target: Target) -> Tensor:
 def _variables(state: nnx.State, layout: StateLayout, names: list[str], target: Target) -> tuple[Variable, ...]:
   variables = []
   for (path, variable), leaf, name in zip(nnx.to_flat_state(state), layout.leaves, names, strict=True):
-    register_variable_type(type(variable))  # what the user exports, this process may rebuild
-    scalars = {k: v for k, v in variable.get_metadata().items() if isinstance(v, str | int | float | bool)}
+    plain = not isinstance(variable, nnx.Variable)  # an array attribute marked nnx.data
+    if not plain:
+      register_variable_type(type(variable))  # what the user exports, this process may rebuild
+    metadata = {} if plain else variable.get_metadata()
+    scalars = {k: v for k, v in metadata.items() if isinstance(v, str | int | float | bool)}
     variables.append(
       Variable(
         **vars(_tensor(leaf, target)),
         path=tuple(path),
         variable_type=leaf.variable_type,
-        variable_class=class_path(type(variable)),
+        variable_class="" if plain else class_path(type(variable)),
         global_name=name,
         metadata={k: v for k, v in scalars.items() if re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", k)},
         key_impl=leaf.key_impl,

@@ -45,13 +45,26 @@ def _is_key(value: Any) -> bool:
   return jnp.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key)
 
 
-def _leaf_of(path: tuple, variable: nnx.Variable) -> Leaf:
-  value = variable.get_value()
+# The variable type recorded for a plain array in the State (an attribute marked ``nnx.data``).
+PLAIN_ARRAY = "Array"
+
+
+def value_of(leaf: Any) -> Any:
+  """A state leaf's value: the Variable's, or the plain array itself."""
+  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def variable_type_of(leaf: Any) -> str:
+  return type(leaf).__name__ if isinstance(leaf, nnx.Variable) else PLAIN_ARRAY
+
+
+def _leaf_of(path: tuple, variable: Any) -> Leaf:
+  value = value_of(variable)
   impl = None
   if _is_key(value):
     impl = str(jax.random.key_impl(value))
     value = jax.eval_shape(jax.random.key_data, value)
-  return Leaf(path_name(path), tuple(value.shape), np.dtype(value.dtype).name, type(variable).__name__, impl)
+  return Leaf(path_name(path), tuple(value.shape), np.dtype(value.dtype).name, variable_type_of(variable), impl)
 
 
 @dataclasses.dataclass(frozen=True)

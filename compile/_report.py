@@ -18,6 +18,7 @@ import treescope
 from flax import nnx
 
 from ._errors import ArtifactError
+from ._layout import value_of, variable_type_of
 from .runtime import Artifact, Program
 from .runtime._manifest import path_name
 
@@ -84,8 +85,8 @@ def replay(program: Program, model: nnx.Module, calls: Sequence[tuple[str, tuple
       rows.append(Parity(f"call {index}: {name} output {leaf}", "output", *_errors(got_leaf, want_leaf)))
   compiled = dict(nnx.to_flat_state(program.state()))
   for path, variable in nnx.to_flat_state(nnx.state(model)):
-    got = compiled[path].get_value()
-    rows.append(Parity(path_name(path), type(variable).__name__, *_errors(got, variable.get_value())))
+    got = value_of(compiled[path])
+    rows.append(Parity(path_name(path), variable_type_of(variable), *_errors(got, value_of(variable))))
   return rows
 
 

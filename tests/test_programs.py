@@ -276,3 +276,29 @@ def test_export_rejects_bad_function_names():
     nnxc.export(ZOO["linear"].make(0), {"update": nnxc.method("__call__", *args)})
   with pytest.raises(TypeError, match="wrap it with method"):
     nnxc.export(ZOO["linear"].make(0), {"f": lambda m, x: m(x)})
+
+
+class _PlainArray(nnx.Module):
+  """State held in a plain array attribute (nnx.data) beside a Param."""
+
+  def __init__(self):
+    self.steps = nnx.data(jnp.zeros(3))
+    self.w = nnx.Param(jnp.full(3, 2.0))
+
+  def __call__(self, x):
+    self.steps = self.steps + 1
+    return x * self.w + self.steps
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_plain_array_state_is_state_like_any_other(target):
+  require_device(target)
+  model, eager = _PlainArray(), _PlainArray()
+  x = np.ones(3, np.float32)
+  program = nnxc.export(model, {"f": nnxc.method("__call__", x)}, target=target).load()
+  for _ in range(2):
+    assert_trees_allclose(program.f(x), np.asarray(eager(x)), **TOLERANCES[target])
+  assert_trees_allclose(program.state(), nnx.state(eager), **TOLERANCES[target])
+  assert program.artifact.manifest.variable("steps").variable_type == "Array"
+  program.update(model)
+  np.testing.assert_array_equal(model.steps, eager.steps)

@@ -185,11 +185,7 @@ class Program:
     from flax import nnx
 
     predicate = nnx.filterlib.to_predicate(filter)
-    selected = [
-      v
-      for v in self.artifact.state
-      if predicate(v.path, _variables.resolve(v)(jax.ShapeDtypeStruct(v.shape, v.dtype)))
-    ]
+    selected = [v for v in self.artifact.state if predicate(v.path, _placeholder(v))]
     return nnx_state(selected, self.arrays([v.name for v in selected]))
 
   def load_state(self, source: Any, filter: Any = ..., *, complete: bool = False) -> None:
@@ -217,11 +213,12 @@ class Program:
     for path, variable in nnx.to_flat_state(state):
       name = path_name(path)
       expected = self._variable(name)
-      if type(variable).__name__ != expected.variable_type:
+      got_type = type(variable).__name__ if isinstance(variable, nnx.Variable) else _variables.PLAIN_ARRAY
+      if got_type != expected.variable_type:
         raise StateMismatchError(
-          f"State variable {name} is a {type(variable).__name__}; the program holds a {expected.variable_type} there."
+          f"State variable {name} is a {got_type}; the program holds a {expected.variable_type} there."
         )
-      value = variable.get_value()
+      value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
       arrays[name] = jax.random.key_data(value) if expected.key_impl else value
     missing = [name for name in self._variables if name not in arrays]
     if complete and missing:
@@ -273,8 +270,18 @@ def nnx_state(variables: Iterable[Variable], arrays: dict[str, np.ndarray]) -> A
     value = jnp.asarray(np.asarray(arrays[variable.name]).astype(_dtypes.dtype(variable.dtype).numpy, copy=False))
     if variable.key_impl:
       value = jax.random.wrap_key_data(value, impl=variable.key_impl)
-    flat.append((variable.path, _variables.resolve(variable)(value, **variable.metadata)))
+    cls = _variables.resolve(variable)
+    flat.append((variable.path, value if cls is None else cls(value, **variable.metadata)))
   return nnx.from_flat_state(flat)
+
+
+def _placeholder(variable: Variable) -> Any:
+  """What an NNX filter sees of ``variable``: its Variable type holding a shape, or the plain array's shape."""
+  import jax
+
+  shape = jax.ShapeDtypeStruct(variable.shape, variable.dtype)
+  cls = _variables.resolve(variable)
+  return shape if cls is None else cls(shape)
 
 
 def load_program(directory: str | os.PathLike, *, device: str | None = None) -> Program:

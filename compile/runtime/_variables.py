@@ -12,6 +12,7 @@ from .._errors import ArtifactError
 from ._manifest import Variable
 
 _REGISTERED: dict[str, type] = {}
+PLAIN_ARRAY = "Array"  # the variable type of a plain array in the State
 
 
 def class_path(cls: type) -> str:
@@ -41,12 +42,14 @@ def _flax_types() -> dict[str, type]:
   return {class_path(v): v for v in vars(nnx).values() if isinstance(v, type) and issubclass(v, nnx.Variable)}
 
 
-def resolve(variable: Variable) -> type:
-  """The class of ``variable``.
+def resolve(variable: Variable) -> type | None:
+  """The class of ``variable``; None for a plain array of the State (an attribute marked ``nnx.data``).
 
   Raises:
     ArtifactError: the class is neither flax's nor registered.
   """
+  if variable.variable_class == "" and variable.variable_type == PLAIN_ARRAY:
+    return None
   cls = _REGISTERED.get(variable.variable_class) or _flax_types().get(variable.variable_class)
   if cls is None or cls.__name__ != variable.variable_type:
     raise ArtifactError(
