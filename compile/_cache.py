@@ -14,7 +14,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-
 from collections.abc import Mapping
 
 from ._iree import Binary, compile_module, module_flags

@@ -233,8 +233,16 @@ def export(
   while True:  # at most twice: once more with the contractions whose kernels raced isolated
     lowered: dict[str, Lowered] = {
       name: lower_function(
-        graphdef, state, spec.fn, spec.args, name=name, model_name=model_name, method=spec.label,
-        object_keys=keys, target=target, isolate=frozenset(isolate.get(name, ())),
+        graphdef,
+        state,
+        spec.fn,
+        spec.args,
+        name=name,
+        model_name=model_name,
+        method=spec.label,
+        object_keys=keys,
+        target=target,
+        isolate=frozenset(isolate.get(name, ())),
       )
       for name, spec in functions.items()
     }

@@ -1,4 +1,4 @@
-"""Finds data races in SPIR-V kernels: a load of memory that another invocation may have stored to, with no barrier between.
+"""Finds data races in SPIR-V kernels: loads of memory another invocation may have stored to, with no barrier between.
 
 Why: IREE 3.13's SPIR-V code generation, which the ``metal`` and ``vulkan`` targets
 share, can write workgroup or storage-buffer memory under one mapping of threads to

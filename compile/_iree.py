@@ -172,7 +172,9 @@ def compile_module(
   flags = list(module_flags(mlir, target, extra_flags))
   sites = sites or {}
   start = time.perf_counter()
-  flow = _run(_with_device_targets(mlir, target), [*flags, "--compile-to=flow", "--mlir-print-debuginfo"], target, sites)
+  flow = _run(
+    _with_device_targets(mlir, target), [*flags, "--compile-to=flow", "--mlir-print-debuginfo"], target, sites
+  )
   with tempfile.TemporaryDirectory(prefix="nnx-metal-") as tmp:
     dump = pathlib.Path(tmp)
     dumps = [f"--iree-hal-dump-executable-binaries-to={dump / 'binaries'}"]
@@ -188,4 +190,3 @@ def compile_module(
 def origin_sites(binary: Binary, dispatch: str, sites: Mapping[str, tuple[OpSite, ...]]) -> list[OpSite]:
   """The StableHLO ops ``dispatch`` was formed from (for kernels shared by functions, the first function's)."""
   return [sites[scope][index] for scope, index in binary.origins.get(dispatch, []) if scope in sites]
-

@@ -117,7 +117,9 @@ def _parity_section(parity: list[Parity] | None, tolerance: float) -> str:
   rows = []
   for p in parity:
     mark = ' class="bad"' if p.max_abs > tolerance else ""
-    rows.append((html.escape(p.name), html.escape(p.variable_type), f"<span{mark}>{p.max_abs:.3g}</span>", f"{p.max_rel:.3g}"))
+    rows.append(
+      (html.escape(p.name), html.escape(p.variable_type), f"<span{mark}>{p.max_abs:.3g}</span>", f"{p.max_rel:.3g}")
+    )
   return _table(["variable or output", "kind", "max abs error", "max rel error"], rows, row_class="parity")
 
 

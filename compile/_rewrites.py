@@ -59,6 +59,10 @@ def _barrier_results(op: ir.Operation) -> None:
       owner.operands[number] = new
 
 
+def _isolate_results(op: ir.Operation) -> None:
+  _barrier_results(op)
+
+
 def _isolate(op: ir.Operation) -> None:
   """Puts ``op`` in a dispatch of its own: an optimization barrier on its inputs and on its results."""
   inputs = len(op.operands) // 2 if op.name in _REDUCTIONS else len(op.operands)  # reductions: then init values
@@ -183,6 +187,24 @@ def split_grouped_convolutions(module: ir.Module) -> int:
   return len(grouped)
 
 
+def isolate_transposes(module: ir.Module) -> int:
+  """EXPERIMENT."""
+  ops = _ops_named(module, ("stablehlo.transpose",))
+  with module.context:
+    for op in ops:
+      _isolate_results(op)
+  return len(ops)
+
+
+def isolate_scatters(module: ir.Module) -> int:
+  """Puts every ``stablehlo.scatter`` in a dispatch of its own (see ``compile/_targets.py`` for why, on CPU)."""
+  scatters = _ops_named(module, ("stablehlo.scatter",))
+  with module.context:
+    for op in scatters:
+      _isolate_results(op)
+  return len(scatters)
+
+
 def widen_bfloat16(module: ir.Module) -> int:
   """bf16 arithmetic computed in f32, bf16 kept for storage at the boundary (see ``_bfloat16.py``)."""
   from ._bfloat16 import widen_bfloat16 as widen
@@ -193,6 +215,8 @@ def widen_bfloat16(module: ir.Module) -> int:
 REWRITES: dict[str, Callable[[ir.Module], int]] = {
   "widen_bfloat16": widen_bfloat16,
   "isolate_reductions": isolate_reductions,
+  "isolate_scatters": isolate_scatters,
+  "isolate_transposes": isolate_transposes,
   "split_grouped_convolutions": split_grouped_convolutions,
 }
 

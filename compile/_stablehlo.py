@@ -173,8 +173,7 @@ def check_target_support(sites: tuple[OpSite, ...], target: Target) -> None:
       for prefix, why in target.unsupported_types:
         if re.fullmatch(rf"{prefix}\b.*", element_type):
           raise UnsupportedOpError(
-            f"`{site.describe()}` uses element type {element_type}, which target {target.name!r} cannot "
-            f"compile: {why}."
+            f"`{site.describe()}` uses element type {element_type}, which target {target.name!r} cannot compile: {why}."
           )
 
 

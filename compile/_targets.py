@@ -175,7 +175,9 @@ def _cpu() -> Target:
 
 
 def _cuda(arch: str) -> Target:
-  return Target("cuda", "cuda", RUNTIME["cuda"].drivers, ("--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}", *_KEEP_F64))
+  return Target(
+    "cuda", "cuda", RUNTIME["cuda"].drivers, ("--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}", *_KEEP_F64)
+  )
 
 
 def get_target(
@@ -258,14 +260,15 @@ def description(target: Target) -> str | None:
     return None
   if target.description is not None:
     return target.description
-  return _description_for(tuple(f for f in target.flags if f.startswith(("--iree-hal-target-backends", "--iree-vulkan"))))
+  return _description_for(
+    tuple(f for f in target.flags if f.startswith(("--iree-hal-target-backends", "--iree-vulkan")))
+  )
 
 
 def device_targets_attribute(target: Target) -> str | None:
   """The ``hal.device.targets`` module attribute that selects ``target.description``, else None."""
   if target.description is None:
     return None
-  executable = (
-    f'#hal.executable.target<"{target.backend}", "vulkan-spirv-fb", {{iree_codegen.target_info = {target.description}}}>'
-  )
+  info = f"{{iree_codegen.target_info = {target.description}}}"
+  executable = f'#hal.executable.target<"{target.backend}", "vulkan-spirv-fb", {info}>'
   return f'hal.device.targets = [#hal.device.target<"vulkan", [{executable}]> : !hal.device]'

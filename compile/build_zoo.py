@@ -33,7 +33,11 @@ PARITY_TOLERANCE = 1e-4  # normwise: max|a - b| <= tol * (1 + max|b|)
 def _zoo() -> Iterator[tuple[str, Callable[[], Any], dict[str, Export]]]:
   for entry in ZOO.values():
     args = entry.example_args(BATCH, 0)
-    yield entry.name, lambda entry=entry: entry.make(0), {m: method("__call__", *args, mode=m) for m in ("train", "eval")}
+    yield (
+      entry.name,
+      lambda entry=entry: entry.make(0),
+      {m: method("__call__", *args, mode=m) for m in ("train", "eval")},
+    )
 
 
 def catalog_functions(entry: CatalogEntry) -> dict[str, Export]:
@@ -103,7 +107,9 @@ def _zoo_parity(name: str, artifact: Artifact) -> str:
     getattr(model, mode)()
     got, want = program.functions[mode](*[np.asarray(a) for a in args]), model(*args)
     pairs = zip(_comparable((got, program.state())), _comparable((want, nnx.state(model))), strict=True)
-    errors += [float(np.max(np.abs(a.astype(np.float64) - b), initial=0) / (1 + np.max(np.abs(b), initial=0))) for a, b in pairs]
+    errors += [
+      float(np.max(np.abs(a.astype(np.float64) - b), initial=0) / (1 + np.max(np.abs(b), initial=0))) for a, b in pairs
+    ]
   error = max(errors, default=0.0)
   return f"max err {error:.1e}" + ("" if error <= PARITY_TOLERANCE else "  PARITY FAILED")
 
@@ -152,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(artifact.manifest.dispatches):>9}{artifact.manifest.compile_seconds:>11.2f}"
           f"  {artifact.manifest.hazard_check:<11} {run}"
         )
-  print(f"\nProgram artifacts in {options.out}/<model>/: manifest.json, module.vmfb, params.irpa, module.mlir, msl/, spirv/")
+  print(
+    f"\nProgram artifacts in {options.out}/<model>/: manifest.json, module.vmfb, params.irpa, module.mlir, msl/, spirv/"
+  )
   return 1 if failed else 0
 
 

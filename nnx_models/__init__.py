@@ -1,5 +1,7 @@
 """The NNX model zoo of nnx-metal: the models of the Flax NNX basics guide, modern API."""
 
+from compile.runtime import register_variable_type as _register
+
 from ._catalog import CATALOG as CATALOG
 from ._catalog import CatalogEntry as CatalogEntry
 from ._linear import Count as Count
@@ -34,7 +36,5 @@ from ._zoo import ZooEntry as ZooEntry
 
 # Artifacts holding these Variable types rebuild them as nnx.State in any process
 # that imports nnx_models (artifacts never import classes by name).
-from compile.runtime import register_variable_type as _register  # noqa: E402
-
 for _variable_type in (Count, LoraParam, EmaParam):
   _register(_variable_type)

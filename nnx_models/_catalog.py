@@ -197,6 +197,7 @@ def _entries() -> list[CatalogEntry]:
     return nnx.MultiHeadAttention(2, 8, decode=False, rngs=rngs)
 
   padded_calls = {"masked": lambda model, x, mask: model(x, mask=mask)}
+  embed_calls = {"embed": forward(), "attend": forward(method="attend")}
 
   def padded_inputs(fn, step):
     x, lengths = _normal(step, BATCH, 6, 8), jnp.array([6, 3 + step % 3])
@@ -226,7 +227,7 @@ def _entries() -> list[CatalogEntry]:
     _layer("rms_norm", lambda r: nnx.RMSNorm(8, rngs=r), BATCH, 5, 8),
     _layer("group_norm", lambda r: nnx.GroupNorm(8, num_groups=4, rngs=r), BATCH, 5, 8),
     _layer("batch_norm", lambda r: nnx.BatchNorm(8, rngs=r), 16, 8),
-    CatalogEntry("embed", lambda: Embedding(10, 6, rngs=nnx.Rngs(0)), {"embed": forward(), "attend": forward(method="attend")}, embed_inputs),
+    CatalogEntry("embed", lambda: Embedding(10, 6, rngs=nnx.Rngs(0)), embed_calls, embed_inputs),
     _layer("attention_causal", lambda r: _Causal(attention(r)), BATCH, 6, 8),
     CatalogEntry("attention_padding_mask", lambda: attention(nnx.Rngs(0)), padded_calls, padded_inputs),
     CatalogEntry("attention_decode", lambda: Decoder(8, 2, 4, rngs=nnx.Rngs(0)), {"decode": forward()}, decode_inputs),
@@ -240,7 +241,13 @@ def _entries() -> list[CatalogEntry]:
     _training("adamw_resnet_block", lambda r: ResNetBlock(3, 8, rngs=r), 8, 4, 6, 6, 3),
     # Softmax ignores what the key bias adds to every logit of a query: its gradient is 0.
     _training(
-      "adamw_transformer_block", lambda r: TransformerBlock(8, 2, rngs=r), 8, 4, 6, 8, noise=("model.body.attention.key.bias",)
+      "adamw_transformer_block",
+      lambda r: TransformerBlock(8, 2, rngs=r),
+      8,
+      4,
+      6,
+      8,
+      noise=("model.body.attention.key.bias",),
     ),
     _layer("mlp_float16", _mlp(jnp.float16), BATCH, 8, rtol=2e-3),
     _layer("mlp_bfloat16", _mlp(jnp.bfloat16), BATCH, 8, rtol=2e-2),

@@ -1,14 +1,13 @@
 """Models at the sizes people train and deploy, for the realistic benchmark tier (``nox -s bench``).
 
-Each entry builds its model, an AdamW optimizer, a batch of inputs and labels, and
-states its FLOPs per forward pass, so benchmarks can report GFLOP/s.
+Each entry builds its objects (the model and its optimizer) and the functions to
+time on them with a batch of inputs: a forward pass in eval mode and a train step.
 """
 
 import dataclasses
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -47,10 +46,9 @@ class ConvNet(nnx.Module):
   """Three Conv -> BatchNorm -> relu stages (32, 64 and 128 features, the last two strided) and a linear head."""
 
   def __init__(self, *, rngs: nnx.Rngs):
-    widths = [3, 32, 64, 128]
-    self.convs = nnx.List(
-      [nnx.Conv(a, b, (3, 3), strides=1 if i == 0 else 2, use_bias=False, rngs=rngs) for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False))]
-    )
+    widths, strides = [3, 32, 64, 128], [1, 2, 2]
+    pairs = zip(widths, widths[1:], strides, strict=False)
+    self.convs = nnx.List([nnx.Conv(a, b, (3, 3), strides=s, use_bias=False, rngs=rngs) for a, b, s in pairs])
     self.norms = nnx.List([nnx.BatchNorm(b, rngs=rngs) for b in widths[1:]])
     self.head = nnx.Linear(widths[-1], 10, rngs=rngs)
 
@@ -84,20 +82,14 @@ class RealisticEntry:
 
   Attributes:
     name: short name.
-    objects: builds ``{"model": ..., "optimizer": AdamW}`` from a fixed seed.
-    inputs: the batch of inputs and integer labels.
-    flops: floating-point operations of one forward pass (multiply-adds count 2), from XLA's cost analysis.
+    objects: builds its objects (``{"model": ..., "optimizer": ...}``) from a fixed seed.
+    calls: ``{function name: (fn(*objects, *inputs), inputs)}``: a forward pass in eval
+      mode and a train step, with a batch of inputs.
   """
 
   name: str
   objects: Callable[[], dict]
-  inputs: Callable[[], tuple[jax.Array, jax.Array]]
-
-  def flops(self) -> float:
-    objects, (x, _) = self.objects(), self.inputs()
-    graphdef, state = nnx.split(objects["model"])
-    cost = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).cost_analysis()
-    return float(cost["flops"])
+  calls: Callable[[], dict[str, tuple[Callable, tuple]]]
 
 
 def _with_adamw(make: Callable[[nnx.Rngs], nnx.Module]) -> Callable[[], dict]:
@@ -108,19 +100,36 @@ def _with_adamw(make: Callable[[nnx.Rngs], nnx.Module]) -> Callable[[], dict]:
   return objects
 
 
-def _batch(*shape: int) -> Callable[[], tuple[jax.Array, jax.Array]]:
-  def inputs() -> tuple[jax.Array, jax.Array]:
+def _classifier_calls(*shape: int) -> Callable[[], dict[str, tuple[Callable, tuple]]]:
+  def calls() -> dict[str, tuple[Callable, tuple]]:
     x = jax.random.normal(jax.random.key(0), shape)
-    return x, jax.random.randint(jax.random.key(1), (shape[0],), 0, 10)
+    labels = jax.random.randint(jax.random.key(1), (shape[0],), 0, 10)
+    return {"forward": (forward, (x,)), "train_step": (train_step, (x, labels))}
 
-  return inputs
+  return calls
+
+
+def _vae_objects() -> dict:
+  from ._vae import EMA, ConditionalVAE, vae_optimizer
+
+  model = ConditionalVAE(rngs=nnx.Rngs(0))
+  return {"model": model, "optimizer": vae_optimizer(model, steps=1000), "ema": EMA(model)}
+
+
+def _vae_calls() -> dict[str, tuple[Callable, tuple]]:
+  from ._vae import vae_train_step
+
+  images = jax.random.uniform(jax.random.key(0), (64, 64))
+  labels = jax.random.randint(jax.random.key(1), (64,), 0, 10)
+  return {"train_step": (vae_train_step, (images, labels))}
 
 
 REALISTIC: dict[str, RealisticEntry] = {
   entry.name: entry
   for entry in [
-    RealisticEntry("mlp_784_1024x4", _with_adamw(lambda r: DeepMLP(rngs=r)), _batch(256, 784)),
-    RealisticEntry("transformer_2x256", _with_adamw(lambda r: Transformer(rngs=r)), _batch(8, 128, 256)),
-    RealisticEntry("convnet_32x32", _with_adamw(lambda r: ConvNet(rngs=r)), _batch(32, 32, 32, 3)),
+    RealisticEntry("mlp_784_1024x4", _with_adamw(lambda r: DeepMLP(rngs=r)), _classifier_calls(256, 784)),
+    RealisticEntry("transformer_2x256", _with_adamw(lambda r: Transformer(rngs=r)), _classifier_calls(8, 128, 256)),
+    RealisticEntry("convnet_32x32", _with_adamw(lambda r: ConvNet(rngs=r)), _classifier_calls(32, 32, 32, 3)),
+    RealisticEntry("vae_digits", _vae_objects, _vae_calls),
   ]
 }

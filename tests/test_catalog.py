@@ -1,4 +1,4 @@
-"""Flax's layer catalog compiled for cpu, vulkan and the Metal stand-in: outputs and the full state match eager, call after call."""
+"""Flax's layer catalog compiled for cpu, vulkan and the Metal stand-in: outputs and full state match eager, call by call."""
 
 import functools
 
@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 import compile as nnxc
-from compile.runtime._manifest import path_name
 from compile._lower import call_with_objects
 from compile.build_zoo import catalog_functions
+from compile.runtime._manifest import path_name
 from nnx_models import CATALOG
 from tests.conftest import RUNNABLE, assert_trees_allclose, require_device
 

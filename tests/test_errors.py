@@ -70,7 +70,9 @@ def test_program_on_the_wrong_driver(mlp_program):
 
 
 def test_missing_device_is_a_clear_error():
-  artifact = nnxc.export(Linear(2, 3, rngs=nnx.Rngs(0)), {"f": nnxc.method("__call__", jnp.ones((1, 2)))}, target="metal")
+  artifact = nnxc.export(
+    Linear(2, 3, rngs=nnx.Rngs(0)), {"f": nnxc.method("__call__", jnp.ones((1, 2)))}, target="metal"
+  )
   if "metal" in iree_runtime.query_available_drivers():
     pytest.skip("this machine has a Metal driver; the error is for machines without one")
   with pytest.raises(nnxc.DeviceUnavailableError, match="'metal' is not available here"):
@@ -106,7 +108,9 @@ def test_compiler_failure_carries_target_flags_and_diagnostics():
   model = Linear(2, 3, rngs=nnx.Rngs(0))
   with pytest.raises(nnxc.CompileError) as info:
     nnxc.export(
-      model, {"f": nnxc.method("__call__", jnp.ones((1, 2)))}, extra_flags=("--iree-llvmcpu-target-triple=not-a-triple",)
+      model,
+      {"f": nnxc.method("__call__", jnp.ones((1, 2)))},
+      extra_flags=("--iree-llvmcpu-target-triple=not-a-triple",),
     )
   error = info.value
   assert error.target == "cpu" and "--iree-llvmcpu-target-triple=not-a-triple" in error.flags

@@ -105,7 +105,7 @@ CASES = {
     1,
   ),
   "a barrier on one path only": (
-    f"""{_store('s', 'tid')}
+    f"""{_store("s", "tid")}
 %few = OpULessThan %bool %tid %workgroup
 OpSelectionMerge %join None
 OpBranchConditional %few %then %join
@@ -113,7 +113,7 @@ OpBranchConditional %few %then %join
 {BARRIER}
 OpBranch %join
 %join = OpLabel
-{_load('v', 'next')}""",
+{_load("v", "next")}""",
     1,
   ),
   "storage buffer: own slot": (f"{_store('s', 'tid', 'buf')}\n{_load('v', 'tid', 'buf')}", 0),
@@ -150,7 +150,9 @@ def test_a_race_names_kernel_memory_and_both_slots(tmp_path):
   )
 
 
-@pytest.mark.parametrize("damage", [b"", b"\x03\x02\x23\x07", b"not spirv at all", b"\x03\x02\x23\x07" + b"\0" * 16 + b"\xff\xff\xff\xff"])
+@pytest.mark.parametrize(
+  "damage", [b"", b"\x03\x02\x23\x07", b"not spirv at all", b"\x03\x02\x23\x07" + b"\0" * 16 + b"\xff\xff\xff\xff"]
+)
 def test_malformed_spirv_is_a_clear_error(damage):
   with pytest.raises(_spirv.SpirvError):
     nnxc.find_races(damage)

@@ -15,7 +15,6 @@ import compile as nnxc
 from compile._iree import compile_module
 from compile._stablehlo import clean_for_iree, module_text
 from compile.runtime._device import DeviceModule, open_device
-from compile.runtime._manifest import Tensor
 from tests.conftest import require_device
 
 SPIRV = ["vulkan", "metal-vulkan"]
@@ -128,10 +127,12 @@ def test_a_compile_error_names_the_stablehlo_op_and_the_python_line():
 
 
 def test_a_race_found_after_compiling_is_fixed_by_isolating_its_contraction():
-  """Without the static rewrites, the race check finds the racy kernel and export isolates the reduction it came from."""
+  """Without the static rewrites, the race check finds the racy kernel; export isolates the reduction it came from."""
   x = _input((4, 100))
   unfixed = nnxc.Target(**{**vars(nnxc.get_target("metal")), "rewrites": ()})
-  artifact = nnxc.export(_Function(_centered_column_sums), {"f": nnxc.method("__call__", x)}, target=unfixed, cache=False)
+  artifact = nnxc.export(
+    _Function(_centered_column_sums), {"f": nnxc.method("__call__", x)}, target=unfixed, cache=False
+  )
   assert artifact.manifest.rewrites == {"isolate_raced_contractions": 1} and artifact.manifest.hazard_check == "passed"
 
 

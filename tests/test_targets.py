@@ -59,7 +59,9 @@ def test_the_standin_compiles_with_the_metal_description_but_lavapipes_subgroup_
   metal = _targets.metal_description()
   standin = nnxc.get_target("metal-vulkan").description
   assert 'arch = "apple"' in metal and "storage = b64|b32|b16|b8" in metal
-  assert re.sub(r"subgroup_size_choices = \[\d+\]", "", standin) == re.sub(r"subgroup_size_choices = \[\d+\]", "", metal)
+  assert re.sub(r"subgroup_size_choices = \[\d+\]", "", standin) == re.sub(
+    r"subgroup_size_choices = \[\d+\]", "", metal
+  )
   assert "subgroup_size_choices = [32]" in metal and "subgroup_size_choices = [16]" in standin
 
 
@@ -77,7 +79,9 @@ def test_runs_on_hardware_targets_where_present(target):
   require_device(target)
   model, eager = ZOO["mlp"].make(0), ZOO["mlp"].make(0)
   args = ZOO["mlp"].example_args(BATCH, 0)
-  outputs, state = nnxc.export(model, _functions("mlp"), target=target).load().functional("train")(nnx.state(model), *args)
+  outputs, state = (
+    nnxc.export(model, _functions("mlp"), target=target).load().functional("train")(nnx.state(model), *args)
+  )
   eager.train()
   assert_trees_allclose((outputs, state), (np.asarray(eager(*args)), nnx.state(eager)), **TOLERANCES["vulkan"])
 

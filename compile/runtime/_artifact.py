@@ -31,8 +31,20 @@ from iree import runtime as rt
 from .._errors import ArtifactError
 from . import _dtypes
 from ._files import save_directory
-from ._manifest import FORMAT, GET_STATE, MANIFEST, MAX_MANIFEST_BYTES, MODULE, PARAMS, SET_STATE
-from ._manifest import Function, Manifest, Tensor, Variable, is_safe_file_name
+from ._manifest import (
+  FORMAT,
+  GET_STATE,
+  MANIFEST,
+  MAX_MANIFEST_BYTES,
+  MODULE,
+  PARAMS,
+  SET_STATE,
+  Function,
+  Manifest,
+  Tensor,
+  Variable,
+  is_safe_file_name,
+)
 
 PARAMETER_SCOPE = "model"
 # nnx_get_state declares the global order it returns in its reflection (see compile/_assemble.py).

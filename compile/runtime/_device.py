@@ -127,7 +127,8 @@ class DeviceModule:
     got = (view.element_type, tuple(view.shape), view.byte_length)
     if got[0] not in entry.accepted or got[1:] != (shape, nbytes):
       raise ArtifactError(
-        f"The module returned a {_dtypes.hal_name(got[0])}{list(got[1])} buffer of {got[2]} bytes where its manifest promises "
+        f"The module returned a {_dtypes.hal_name(got[0])}{list(got[1])} buffer of {got[2]} bytes where its "
+        "manifest promises "
         f"{dtype_name}{list(shape)} ({nbytes} bytes): the manifest does not describe this module. Export again."
       )
     buffer = view.get_buffer()

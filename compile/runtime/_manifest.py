@@ -245,7 +245,7 @@ def _variable(demote_f64: bool) -> Callable[[Any, str], Variable]:
 
 
 def _structure(value: Any, where: str, depth: int = 0) -> dict[str, Any]:
-  """A return value's shape: ``{"leaf": i}``, ``{"none": null}``, ``{"tuple"|"list": [...]}``, ``{"dict": [[k, v]]}``."""
+  """A return value's shape: ``{"leaf": i}``, ``{"none": null}``, ``{"tuple"|"list": [...]}`` or ``{"dict": [...]}``."""
   if depth > _MAX_DEPTH or not isinstance(value, dict) or len(value) != 1:
     raise _fail(where, "must be one of {leaf}, {none}, {tuple}, {list}, {dict}, nested at most 32 deep")
   ((kind, content),) = value.items()

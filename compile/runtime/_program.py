@@ -73,7 +73,9 @@ class ProgramFunction:
     """The inputs as arrays in device dtypes, checked against the signature."""
     flat = list(args) if all(type(a) is np.ndarray for a in args) else flatten_inputs(args)
     if len(flat) != len(self.spec.inputs):
-      raise SignatureError(f"{self.name} takes {len(self.spec.inputs)} input arrays, got {len(flat)}: {self.signature()}.")
+      raise SignatureError(
+        f"{self.name} takes {len(self.spec.inputs)} input arrays, got {len(flat)}: {self.signature()}."
+      )
     try:
       return [host_array(v, t, f"{self.name} input") for v, t in zip(flat, self.spec.inputs, strict=True)]
     except SignatureError as e:
@@ -107,7 +109,9 @@ class Program:
     self.artifact, self.driver = artifact, driver
     self._lock = threading.RLock()
     device_handle = open_device(driver, subgroup_size=RUNTIME[target.name].subgroup_size)
-    self._module = DeviceModule(artifact.vmfb, device_handle, parameters={PARAMETER_SCOPE: params_index(artifact.params)})
+    self._module = DeviceModule(
+      artifact.vmfb, device_handle, parameters={PARAMETER_SCOPE: params_index(artifact.params)}
+    )
     self.functions = {name: ProgramFunction(self, spec) for name, spec in artifact.functions.items()}
     self._variables = {v.name: v for v in artifact.state}
     self._get_state = self._module.function(GET_STATE)
@@ -181,7 +185,6 @@ class Program:
 
     ``nnx.update(objects, program.state())`` merges it into the eager objects.
     """
-    import jax
     from flax import nnx
 
     predicate = nnx.filterlib.to_predicate(filter)
