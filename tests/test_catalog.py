@@ -1,4 +1,4 @@
-"""Flax's layer catalog compiled for cpu, vulkan and the Metal stand-in: outputs and full state match eager, call by call."""
+"""Flax's layer catalog on cpu, vulkan and the Metal stand-in: outputs and full state match eager, call by call."""
 
 import functools
 
