@@ -300,6 +300,7 @@ def _manifest(objects, layout, target, binary, variables, functions, lowered, ha
         updates=tuple(layout.leaves[i].name for i in each.updates),
         executables=executables[name],  # named after this function; shared ones after the first user
         dispatch_count=binary.calls[name],  # kernels this function launches per call
+        flops=each.flops,
       )
       for name, each in lowered.items()
     },

@@ -42,6 +42,7 @@ class Lowered:
     sites: every op of the program, with its source line, for target checks.
     target: the target whose StableHLO rewrites were applied, or None (as JAX lowered it).
     rewrites: ``{rewrite: ops changed}`` for that target (see ``compile/_rewrites.py``).
+    flops: floating-point operations per call, from XLA's cost analysis (0 if it has none).
   """
 
   name: str
@@ -61,6 +62,7 @@ class Lowered:
   sites: tuple[OpSite, ...]
   target: str | None = None
   rewrites: dict[str, int] = dataclasses.field(default_factory=dict)
+  flops: float = 0.0
 
   def signature(self) -> str:
     """A readable signature, e.g. ``MLP.__call__(args[0]: float32[3, 2]) -> (outputs[0]: float32[3, 5])``."""
@@ -169,6 +171,7 @@ def lower_function(
   pure.__name__ = name
   shapes = jax.eval_shape(lambda *a: a, *args)
   traced = jax.jit(pure, keep_unused=True).lower(layout.flatten(state), *shapes)
+  flops = _flops(traced)  # before the module is rewritten in place below
   module = traced.compiler_ir("stablehlo")
   sites = clean_for_iree(module, scope=name)
   rewrites = _rewrites.apply(module, target.rewrites) if target is not None else {}
@@ -196,7 +199,14 @@ def lower_function(
     sites=sites,
     target=target.name if target is not None else None,
     rewrites=rewrites,
+    flops=flops,
   )
+
+
+def _flops(traced: Any) -> float:
+  cost = traced.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) and cost else cost
+  return float(max((cost or {}).get("flops", 0.0), 0.0))
 
 
 def _main_function_type(module) -> Any:

@@ -22,8 +22,9 @@ import optax
 from flax import nnx
 from iree import runtime as rt
 
-from nnx_models import ZOO
+from nnx_models import REALISTIC, ZOO
 
+from . import bench_realistic
 from ._cache import CompileCache
 from ._export import export, function, method
 
@@ -187,14 +188,19 @@ class Report:
   forward: list = dataclasses.field(default_factory=list)
   train: list = dataclasses.field(default_factory=list)
   compile: list = dataclasses.field(default_factory=list)
+  realistic: list = dataclasses.field(default_factory=list)
+  matmul_gflops: dict = dataclasses.field(default_factory=dict)
 
 
 def _row(name, batch, medians, extra):
   return {"model": name, "batch": batch, "seconds": medians, **extra}
 
 
-def run(rounds: int, calls: int, models: list[str]) -> Report:
+def run(rounds: int, calls: int, models: list[str], realistic: list[str]) -> Report:
   report = Report()
+  if realistic:
+    report.matmul_gflops = bench_realistic.matmul_gflops()
+    report.realistic = bench_realistic.run(interleaved, rounds=rounds, calls=max(1, calls // 10), models=realistic)
   with tempfile.TemporaryDirectory(prefix="nnx-metal-bench-") as tmp:
     cache = CompileCache(pathlib.Path(tmp) / "cache")
     for name in models:
@@ -276,6 +282,8 @@ def markdown(report: Report) -> str:
       f"{s['iree-compile metal']:.2f} | {s['XLA compile cpu']:.2f} | "
       f"{s['iree-compile cpu'] / s['XLA compile cpu']:.1f} | {s['cached re-export']:.3f} |"
     )
+  if report.realistic:
+    lines += ["", *bench_realistic.markdown(report.realistic, report.matmul_gflops)]
   return "\n".join(lines) + "\n"
 
 
@@ -284,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("build/bench"))
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--calls", type=int, default=30)
-  parser.add_argument("--models", nargs="*", default=list(ZOO))
+  parser.add_argument("--models", nargs="*", default=list(ZOO), help="zoo models (small: call overhead)")
+  parser.add_argument("--realistic", nargs="*", default=list(REALISTIC), help="realistic models (throughput)")
   options = parser.parse_args(argv)
-  report = run(options.rounds, options.calls, options.models)
+  report = run(options.rounds, options.calls, options.models, options.realistic)
   options.out.mkdir(parents=True, exist_ok=True)
   (options.out / "bench.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
   table = markdown(report)

@@ -291,6 +291,7 @@ class Function:
     updates: the names of the state variables it writes back.
     executables: the kernels named after it (shared ones are named after their first user).
     dispatch_count: kernels it launches per call.
+    flops: floating-point operations per call (XLA's cost analysis), which picks the CPU driver.
   """
 
   name: str
@@ -303,6 +304,7 @@ class Function:
   updates: tuple[str, ...]
   executables: tuple[str, ...]
   dispatch_count: int
+  flops: float = 0.0
 
   def signature(self) -> str:
     inputs = ", ".join(t.describe() for t in self.inputs)
@@ -319,6 +321,7 @@ class Function:
       "updates": list(self.updates),
       "executables": list(self.executables),
       "dispatch_count": self.dispatch_count,
+      "flops": self.flops,
     }
 
 
@@ -348,6 +351,7 @@ def _function(demote_f64: bool, state_names: frozenset[str]) -> Callable[[Any, s
       updates=fields.get("updates", _list(_one_of(state_names))),
       executables=fields.get("executables", _list(_matching(_DISPATCH))),
       dispatch_count=fields.get("dispatch_count", _integer),
+      flops=fields.get("flops", _number),
     )
     fields.done()
     if sorted(structure_leaves(function.structure)) != list(range(len(outputs))):
