@@ -13,6 +13,7 @@ import ctypes
 import os
 import pathlib
 import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -44,7 +45,7 @@ def _replace(tmp: pathlib.Path, path: pathlib.Path) -> None:
   if _exchange(tmp, path):
     return
   # Two renames: a kill between them leaves the old directory under the name below.
-  aside = pathlib.Path(tempfile.mktemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+  aside = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
   os.rename(path, aside)
   os.rename(tmp, path)
   os.rename(aside, tmp)
