@@ -29,10 +29,13 @@ class CompileError(NnxMetalError):
     flags: the iree-compile flags.
     diagnostics: what iree-compile printed.
     culprit: the first error and the StableHLO op and Python line it points at ("" if unknown).
+    kernels: ``{kernel: [(function, site index), ...]}``: the kernels that failed and the
+      StableHLO ops they were formed from, where iree-compile got that far (else empty).
   """
 
   def __init__(self, target: str, flags: list[str], diagnostics: str, *, culprit: str = ""):
     self.target, self.flags, self.diagnostics, self.culprit = target, flags, diagnostics, culprit
+    self.kernels: dict[str, list[tuple[str, int]]] = {}
     super().__init__(
       f"iree-compile failed for target {target!r}: {culprit or 'see the diagnostics below'}"
       f"\nflags: {' '.join(flags)}\ndiagnostics:\n{diagnostics.strip()}"

@@ -18,7 +18,7 @@ from flax import nnx
 
 from ._assemble import assemble, global_names
 from ._cache import CompileCache, compile_cached, toolchain_versions
-from ._errors import HazardError
+from ._errors import CompileError, HazardError
 from ._hazards import find_races
 from ._iree import Binary, origin_sites
 from ._layout import Leaf, StateLayout
@@ -151,19 +151,31 @@ def _cache_of(cache: bool | str | CompileCache | None) -> CompileCache | None:
   return cache if isinstance(cache, CompileCache) else CompileCache(cache)
 
 
+_ATTEMPTS = 4  # compiles at most: the first, then with more ops isolated each time
+
+
 def _races(binary: Binary) -> dict[str, list]:
   found = {kernel: find_races(spirv) for kernel, spirv in binary.spirv.items()}
   return {kernel: races for kernel, races in found.items() if races}
 
 
-def _raced_contractions(binary: Binary, racy: dict[str, list], lowered: dict[str, Lowered]) -> dict[str, set[int]]:
-  """``{function: site indices}`` of the contractions the racy kernels were formed from."""
+def _contractions_of(origins: dict[str, list[tuple[str, int]]], lowered: dict[str, Lowered]) -> dict[str, set[int]]:
+  """``{function: site indices}`` of the contractions some kernels were formed from (``origins`` by kernel)."""
   chosen: dict[str, set[int]] = {}
-  for kernel in racy:
-    for scope, index in binary.origins.get(kernel, []):
-      if scope in lowered and lowered[scope].sites[index].op in CONTRACTIONS:
+  for tags in origins.values():
+    for scope, index in tags:
+      if scope in lowered and index < len(lowered[scope].sites) and lowered[scope].sites[index].op in CONTRACTIONS:
         chosen.setdefault(scope, set()).add(index)
   return chosen
+
+
+def _widen(isolate: dict[str, set[int]], more: dict[str, set[int]]) -> bool:
+  """Adds ``more`` to ``isolate``; whether that added anything."""
+  added = False
+  for scope, indices in more.items():
+    added |= not indices <= isolate.get(scope, set())
+    isolate.setdefault(scope, set()).update(indices)
+  return added
 
 
 def _hazard_error(binary: Binary, target: Target, racy: dict[str, list], lowered: dict[str, Lowered]) -> HazardError:
@@ -229,8 +241,11 @@ def export(
   model_name = model_name_of(objects)
   keys = tuple(objects) if isinstance(objects, dict) else None
   module_name = re.sub(r"\W", "_", model_name).lower()
+  # A kernel that races, or that IREE fails to compile (e.g. a data-tiled product whose
+  # fused epilogue needs too much stack), is compiled again with the matrix products
+  # and reductions it was formed from in kernels of their own.
   isolate: dict[str, set[int]] = {}
-  while True:  # at most twice: once more with the contractions whose kernels raced isolated
+  for attempt in range(_ATTEMPTS):
     lowered: dict[str, Lowered] = {
       name: lower_function(
         graphdef,
@@ -250,12 +265,16 @@ def export(
       check_target_support(each.sites, target)
     mlir = assemble(module_name, lowered)
     sites = {name: each.sites for name, each in lowered.items()}
-    binary, cached = compile_cached(mlir, module_name, target, tuple(extra_flags), _cache_of(cache), sites)
+    try:
+      binary, cached = compile_cached(mlir, module_name, target, tuple(extra_flags), _cache_of(cache), sites)
+    except CompileError as error:
+      if attempt + 1 == _ATTEMPTS or not _widen(isolate, _contractions_of(error.kernels, lowered)):
+        raise
+      continue
     racy = _races(binary) if target.spirv and check_hazards else {}
-    more = _raced_contractions(binary, racy, lowered)
-    if not racy or isolate or not more:
+    origins = {kernel: binary.origins.get(kernel, []) for kernel in racy}
+    if not racy or attempt + 1 == _ATTEMPTS or not _widen(isolate, _contractions_of(origins, lowered)):
       break
-    isolate = more
   if racy:
     raise _hazard_error(binary, target, racy, lowered)
 

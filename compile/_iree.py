@@ -180,11 +180,33 @@ def compile_module(
     dumps = [f"--iree-hal-dump-executable-binaries-to={dump / 'binaries'}"]
     if target.backend == "metal-spirv":
       dumps.append(f"--iree-hal-dump-executable-intermediates-to={dump / 'intermediates'}")
-    vmfb = _run(flow.decode(), [*flags, "--compile-from=flow", *dumps], target, sites)
+    try:
+      vmfb = _run(flow.decode(), [*flags, "--compile-from=flow", *dumps], target, sites)
+    except CompileError as error:
+      error.kernels = _failing_kernels(flow.decode(), [*flags, "--compile-from=flow"], dump, module_name)
+      raise
     seconds = time.perf_counter() - start
     dispatches, msl, spirv = _read_dumps(dump, module_name)
   flow_text = flow.decode()
   return Binary(vmfb, tuple(flags), dispatches, msl, spirv, seconds, _dispatch_calls(flow_text), _origins(flow_text))
+
+
+def _failing_kernels(
+  flow: str, flags: list[str], dump: pathlib.Path, module_name: str
+) -> dict[str, list[tuple[str, int]]]:
+  """``{kernel: the site tags it was formed from}`` of the kernels that failed to compile.
+
+  iree-compile names the failing kernel only where it dumps the kernels' sources (its
+  errors then point into those files), so the failed compile is run once more with
+  that dump, which only this diagnosis sees.
+  """
+  try:
+    ireec.compile_str(flow, extra_args=[*flags, f"--iree-hal-dump-executable-sources-to={dump / 'sources'}"])
+  except ireec.CompilerToolError as e:
+    named = re.findall(rf"sources/{re.escape(module_name)}_([\w$.]+?)\.mlir:\d+:\d+: error", str(e))
+    origins = _origins(flow)
+    return {kernel: origins.get(kernel, []) for kernel in dict.fromkeys(named)}
+  return {}
 
 
 def origin_sites(binary: Binary, dispatch: str, sites: Mapping[str, tuple[OpSite, ...]]) -> list[OpSite]:

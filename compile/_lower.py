@@ -163,7 +163,7 @@ def lower_function(
     object_keys: for a dict of objects, the order in which ``fn`` takes them.
     target: apply this target's StableHLO rewrites (None: the module as JAX lowered it).
     isolate: site indices of contractions to put in dispatches of their own (see
-      ``_rewrites.isolate_sites``; export passes those whose kernels raced).
+      ``_rewrites.isolate_sites``; export passes those whose kernels raced or failed).
   """
   layout = StateLayout.of(state)
   changed: list[int] = []
@@ -176,7 +176,7 @@ def lower_function(
   sites = clean_for_iree(module, scope=name)
   rewrites = _rewrites.apply(module, target.rewrites) if target is not None else {}
   if isolate:
-    rewrites["isolate_raced_contractions"] = _rewrites.isolate_sites(module, name, isolate)
+    rewrites["isolate_contractions"] = _rewrites.isolate_sites(module, name, isolate)
   mlir = module_text(module)
   main_type = _main_function_type(module)
   num_state, num_outputs = len(layout.leaves), len(main_type.results) - len(changed)

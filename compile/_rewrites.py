@@ -59,10 +59,6 @@ def _barrier_results(op: ir.Operation) -> None:
       owner.operands[number] = new
 
 
-def _isolate_results(op: ir.Operation) -> None:
-  _barrier_results(op)
-
-
 def _isolate(op: ir.Operation) -> None:
   """Puts ``op`` in a dispatch of its own: an optimization barrier on its inputs and on its results."""
   inputs = len(op.operands) // 2 if op.name in _REDUCTIONS else len(op.operands)  # reductions: then init values
@@ -95,16 +91,18 @@ def isolate_reductions(module: ir.Module) -> int:
 
 # Ops that reduce over some dimensions: where IREE's SPIR-V code generation keeps
 # partial results in workgroup memory, and where a kernel race has been seen.
-CONTRACTIONS = ("stablehlo.dot_general", "stablehlo.dot", "stablehlo.convolution", *_REDUCTIONS)
+_PRODUCTS = ("stablehlo.dot_general", "stablehlo.dot", "stablehlo.convolution")
+CONTRACTIONS = (*_PRODUCTS, *_REDUCTIONS)
 
 
 def isolate_sites(module: ir.Module, scope: str, indices: frozenset[int]) -> int:
   """Isolates the contraction ops tagged ``nnx@<scope>@<i>`` for ``i`` in ``indices`` (see ``_stablehlo.py``).
 
-  Used where the race check found a kernel formed from them: a matrix product
-  fused with its consumers can keep its results in workgroup memory without a
-  barrier, like a reduction, but isolating every product would cost a dispatch
-  each, so only those that raced are. Returns the number of ops isolated.
+  Used where a kernel formed from them raced (a matrix product fused with its
+  consumers can keep its results in workgroup memory without a barrier, like a
+  reduction) or failed to compile (a data-tiled product whose fused epilogue needs
+  more stack than a CPU kernel may have). Isolating every product up front would
+  cost a dispatch each, so only those are. Returns the number of ops isolated.
   """
   tags = {f'"{SITE_TAG}{scope}@{i}"' for i in indices}
   chosen = [op for op in _ops_named(module, CONTRACTIONS) if str(op.location)[4:].split("(", 1)[0] in tags]
@@ -187,24 +185,6 @@ def split_grouped_convolutions(module: ir.Module) -> int:
   return len(grouped)
 
 
-def isolate_transposes(module: ir.Module) -> int:
-  """EXPERIMENT."""
-  ops = _ops_named(module, ("stablehlo.transpose",))
-  with module.context:
-    for op in ops:
-      _isolate_results(op)
-  return len(ops)
-
-
-def isolate_scatters(module: ir.Module) -> int:
-  """Puts every ``stablehlo.scatter`` in a dispatch of its own (see ``compile/_targets.py`` for why, on CPU)."""
-  scatters = _ops_named(module, ("stablehlo.scatter",))
-  with module.context:
-    for op in scatters:
-      _isolate_results(op)
-  return len(scatters)
-
-
 def widen_bfloat16(module: ir.Module) -> int:
   """bf16 arithmetic computed in f32, bf16 kept for storage at the boundary (see ``_bfloat16.py``)."""
   from ._bfloat16 import widen_bfloat16 as widen
@@ -215,8 +195,6 @@ def widen_bfloat16(module: ir.Module) -> int:
 REWRITES: dict[str, Callable[[ir.Module], int]] = {
   "widen_bfloat16": widen_bfloat16,
   "isolate_reductions": isolate_reductions,
-  "isolate_scatters": isolate_scatters,
-  "isolate_transposes": isolate_transposes,
   "split_grouped_convolutions": split_grouped_convolutions,
 }
 

@@ -133,14 +133,14 @@ def test_a_race_found_after_compiling_is_fixed_by_isolating_its_contraction():
   artifact = nnxc.export(
     _Function(_centered_column_sums), {"f": nnxc.method("__call__", x)}, target=unfixed, cache=False
   )
-  assert artifact.manifest.rewrites == {"isolate_raced_contractions": 1} and artifact.manifest.hazard_check == "passed"
+  assert artifact.manifest.rewrites == {"isolate_contractions": 1} and artifact.manifest.hazard_check == "passed"
 
 
 def test_a_race_that_cannot_be_isolated_fails_the_export_naming_kernel_op_and_line(monkeypatch):
   """A racy kernel with no contraction to isolate stops the export, saying where the kernel came from."""
   from compile import _export
 
-  monkeypatch.setattr(_export, "_raced_contractions", lambda *args: {})
+  monkeypatch.setattr(_export, "_contractions_of", lambda *args: {})
   x = _input((4, 100))
   unfixed = nnxc.Target(**{**vars(nnxc.get_target("metal")), "rewrites": ()})
   with pytest.raises(nnxc.HazardError) as info:
