@@ -18,10 +18,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import socket
@@ -65,9 +65,11 @@ UNEXPLAINED = ("raw", "crashed", "wrong")
 BUGS = {
   "B1": "Manifest.from_json raises a raw TypeError for a list or object inside functions.<name>.updates "
   "(_manifest._one_of looks the value up in a frozenset: unhashable). test_bug_updates_with_a_list",
-  "B2": "Program.state / Artifact.saved_state (_program.nnx_state) pass manifest metadata as keyword arguments "
-  "to the Variable class and key_impl to jax.random.wrap_key_data unchecked: metadata keys 'value', "
-  "'on_get_value', 'sharding', or key_impl 'rbg' on a threefry key, raise raw TypeError/ValueError. "
+  "B2": "Program.state / update / Artifact.saved_state (_program.nnx_state) pass manifest metadata as keyword "
+  "arguments to the Variable class and key_impl to jax.random.wrap_key_data unchecked: metadata 'value' or "
+  "'sharding', or key_impl 'rbg' on a threefry key, raise raw TypeError/ValueError; 'hijax': true makes the "
+  "State hold a HijaxVariable instead of the manifest's class; 'on_get_value': 'x' is merged by "
+  "Program.update into the user's model, whose variable then raises TypeError on every read. "
   "test_bug_metadata_reaches_the_variable_constructor",
   "B3": "A state entry's global name is not checked against its name: swapping name and path of two entries "
   "of the same shape and dtype (or renaming one) opens, and arrays()/state() return one variable's values "
@@ -75,13 +77,15 @@ BUGS = {
   "B4": "Signedness is not cross-checked (_artifact._signless, _declared drops {iree.abi.encoding}): editing "
   "int32 <-> uint32 (any intN <-> uintN) in a state entry or a function spec opens and reinterprets the "
   "bytes (-3 reads as 4294967293). test_bug_signedness_edits_reinterpret_values",
-  "B5": "Errors from IREE when a module is registered or invoked escape raw (RuntimeError/ValueError from "
-  "_device.DeviceModule.__init__ and DeviceModule.invoke): a vmfb compiled for another device (a cpu "
-  "artifact whose manifest says vulkan, or a vulkan vmfb in a cpu artifact). test_bug_vmfb_for_another_device",
-  "B6": "Malformed files that pass the hash check (the attacker recomputed it) make IREE raise IndexError or "
-  "UnicodeDecodeError, which escape raw from _artifact._read_params (ParameterIndex.load) and "
-  "_artifact.check_module (VmModule.copy_buffer, function reflection): only RuntimeError/ValueError are "
-  "caught. test_bug_rehashed_params_header_flip",
+  "B5": "Errors from IREE while a module is registered or invoked escape raw from _device.DeviceModule.__init__ "
+  "and DeviceModule.invoke (RuntimeError, ValueError, IndexError, NotImplementedError, UnicodeDecodeError): a "
+  "vmfb compiled for another device (a cpu artifact whose manifest says vulkan, a vulkan vmfb in a cpu "
+  "artifact), or a rehashed vmfb whose executables or bytecode do not load. test_bug_vmfb_for_another_device",
+  "B6": "Malformed files that pass the hash check (the attacker recomputed it) make IREE raise IndexError, "
+  "UnicodeDecodeError or RuntimeError (nanobind cannot decode a reflection string), which escape raw from "
+  "_artifact._read_params (ParameterIndex.load) and _artifact.check_module / _check_declaration "
+  "(VmModule.copy_buffer, function reflection): only RuntimeError/ValueError around the loads are caught. "
+  "test_bug_rehashed_params_header_flip",
   "B7": "A vmfb with flipped bytes and a recomputed hash can crash the interpreter (SIGSEGV inside IREE while "
   "registering or invoking the module): the vmfb is native code and bytecode that open() cannot verify. "
   "Inherent to loading an unauthenticated vmfb; needs signed artifacts. test_bug_rehashed_vmfb_bit_flips",
@@ -104,24 +108,32 @@ BUGS = {
   "structure, a key's key_impl, a variable's type) change what callers get: permuting the leaves of a "
   "two-output function swaps its outputs. Only a signature over the manifest can catch these. "
   "test_bug_output_structure_permuted",
+  "B16": "Artifact.open raises a raw NotADirectoryError when a folder on a listed file's path is a regular file "
+  "(a file named spirv where spirv/x.spv is listed): _read_regular_file catches only FileNotFoundError. "
+  "test_bug_folder_that_is_a_file",
+  "B17": "save(overwrite=True) onto a FIFO hangs forever: after the swap the FIFO sits at the temporary's name and "
+  "_files.save_directory's cleanup, shutil.rmtree(tmp), opens it for reading; and a FIFO named like a stale "
+  "temporary (.<name>.tmp-<dead pid>-x) next to the target makes every later save hang the same way in "
+  "remove_stale_temporaries. test_bug_save_hangs_on_a_fifo",
   "B15": "Artifact.open reads the files by path, not through one directory handle: a save that swaps the "
   "directory between two reads makes open() refuse ('corrupt or was changed') where _files.py promises "
   "readers the old or the new artifact, whole. test_bug_open_during_a_save",
 }
 
 # A raw exception escaping the library is a known bug when its type and the innermost library frame match.
+# "*" matches any exception type: IREE maps its status codes to many (IndexError for OUT_OF_RANGE,
+# NotImplementedError for UNIMPLEMENTED, RuntimeError for a reflection string nanobind cannot decode, ...).
 KNOWN_RAW = [
   ("TypeError", "_manifest.py", "check", "not in choices", "B1"),
-  ("TypeError", "_program.py", "nnx_state", "", "B2"),
-  ("ValueError", "_program.py", "nnx_state", "", "B2"),
-  ("RuntimeError", "_device.py", "__init__", "", "B5"),
-  ("ValueError", "_device.py", "__init__", "", "B5"),
-  ("RuntimeError", "_device.py", "invoke", "", "B5"),
-  ("ValueError", "_device.py", "invoke", "", "B5"),
-  ("IndexError", "_artifact.py", "_read_params", "", "B6"),
-  ("IndexError", "_artifact.py", "check_module", "", "B6"),
-  ("UnicodeDecodeError", "_artifact.py", "_check_declaration", "", "B6"),
+  ("*", "_program.py", "nnx_state", "", "B2"),
+  ("*", "_program.py", "update", "", "B2"),
+  ("*", "_device.py", "__init__", "", "B5"),
+  ("*", "_device.py", "invoke", "", "B5"),
+  ("*", "_artifact.py", "_read_params", "", "B6"),
+  ("*", "_artifact.py", "check_module", "", "B6"),
+  ("*", "_artifact.py", "_check_declaration", "", "B6"),
   ("MemoryError", "_artifact.py", "_read_regular_file", "", "B10"),
+  ("NotADirectoryError", "_artifact.py", "_read_regular_file", "", "B16"),
   ("TypeError", "_program.py", "flatten_inputs", "", "B11"),
   ("OSError", "_files.py", "_exchange", "", "B12"),
   ("FileExistsError", "_files.py", "save_directory", "", "B12"),
@@ -161,6 +173,7 @@ class Ledger:
 
 
 LEDGER = Ledger()
+NOTES: dict = {}  # facts the summary reports beside the counts
 
 
 @contextlib.contextmanager
@@ -190,7 +203,7 @@ def known_raw(type_name: str, frame) -> str | None:
     return None
   file, function, line = frame
   for kind, known_file, known_function, text, bug in KNOWN_RAW:
-    if type_name == kind and file == known_file and function == known_function and text in line:
+    if kind in ("*", type_name) and file == known_file and function == known_function and text in line:
       return bug
   return None
 
@@ -219,16 +232,18 @@ def flat_state(state) -> list:
   leaves = []
   for path, variable in nnx.to_flat_state(state):
     value = variable.get_value()
+    kind = str(getattr(value, "dtype", type(value).__name__))  # key<fry> for a typed key, else the dtype
     if jax.dtypes.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key):
       value = jax.random.key_data(value)
-    leaves.append((tuple(path), type(variable).__name__, np.asarray(value)))
+    leaves.append((tuple(path), type(variable).__name__, kind, np.asarray(value)))
   return leaves
 
 
 def observe(directory, calls, *, state: bool = True) -> dict:
   """Loads the artifact and makes the ``calls`` [(function, args)], then reads its arrays (and state)."""
   program = nnxc.load_program(directory)
-  seen = {"outputs": [getattr(program, name)(*args) for name, args in calls], "arrays": program.arrays()}
+  outputs = [getattr(program, name)(*args) if name in program.functions else "no such function" for name, args in calls]
+  seen = {"outputs": outputs, "arrays": program.arrays()}
   if state:
     seen["state"] = flat_state(program.state())
   return seen
@@ -245,8 +260,8 @@ def differences(expected, got, where: str = "") -> str | None:
       )
     return None
   if isinstance(expected, dict):
-    if list(expected) != list(got):
-      return f"{where}: keys {sorted(got)[:4]} instead of {sorted(expected)[:4]}"
+    if set(expected) != set(got):
+      return f"{where}: keys {sorted(set(got) - set(expected))[:3]} instead of {sorted(set(expected) - set(got))[:3]}"
     items = [(expected[k], got[k], f"{where}.{k}") for k in expected]
   elif isinstance(expected, list | tuple):
     if len(expected) != len(got):
@@ -345,6 +360,35 @@ def audited():
 def touched_outside(paths: list, forbidden: list[pathlib.Path]) -> list:
   forbidden = [os.path.abspath(p) for p in forbidden]
   return [(e, p) for e, p in paths if any(p == f or p.startswith(f + os.sep) for f in forbidden)]
+
+
+@contextlib.contextmanager
+def fifo_watchdog(root: pathlib.Path, seconds: float = 5):
+  """Yields {'hung': bool}; after ``seconds`` unblocks anything stuck opening a FIFO under ``root`` (by opening each
+  for writing) and marks the attempt as hung: a reader blocked on a FIFO would otherwise wait forever."""
+  state = {"hung": False}
+  done = threading.Event()
+
+  def watch():
+    if done.wait(seconds):
+      return
+    state["hung"] = True
+    while not done.is_set():
+      for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+          path = os.path.join(folder, name)
+          with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.lstat(path).st_mode):
+              os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+      done.wait(0.2)
+
+  thread = threading.Thread(target=watch, daemon=True)
+  thread.start()
+  try:
+    yield state
+  finally:
+    done.set()
+    thread.join()
 
 
 # Crash isolation: cases run in a child process that is restarted after the case that killed it.
@@ -500,7 +544,7 @@ def x() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory, x) -> Subject:
-  """The MLP (BatchNorm, Dropout key and count) with train and eval, trained once so its state is not the initial one."""
+  """The MLP (BatchNorm, Dropout key and count) with train and eval, trained once: its state is not the initial one."""
   args = ZOO["mlp"].example_args(BATCH, 0)
   functions = {mode: nnxc.method("__call__", *args, mode=mode) for mode in ("train", "eval")}
   program = _export(ZOO["mlp"].make(0), functions).load()
@@ -664,12 +708,14 @@ def manifest_mutants(document: dict):
 
 
 def names_the_field(message: str, path) -> bool:
-  if path and path[0] in ("format", "format_version"):
-    return "format" in message
+  """Whether a refusal names the edited field, one of its parents, or the field it contradicts."""
   if not path:
     return True
-  wanted = [where_of(path[:k]) for k in range(min(len(path), 2), len(path) + 1)]
-  return any(w in message for w in wanted) or str(path[-1]) in message
+  if path[0] in ("format", "format_version"):
+    return "format" in message
+  if any(where_of(path[:k]) in message for k in range(1, len(path) + 1)):
+    return True
+  return re.search(r"manifest\.json: [\w.$\[\]-]+ (is|must|has|does|names)", message) is not None
 
 
 def manifest_attack(family: str, attack: str, text: str, path, work: pathlib.Path, subject: Subject, **kw) -> Row:
@@ -706,7 +752,6 @@ def test_manifest_field_fuzzing(mlp, tmp_path):
   """Every field of a real manifest: deleted, retyped, extreme values, unknown dtypes, deep nesting, unknown fields."""
   work = fresh_copy(mlp.directory, tmp_path / "work")
   document = json.loads((mlp.directory / "manifest.json").read_text())
-  canary = tmp_path / CANARY_NAME
   with attacks_of_this_test():
     for attack, mutant, path, value in manifest_mutants(document):
       text = json.dumps(mutant)
@@ -716,7 +761,6 @@ def test_manifest_field_fuzzing(mlp, tmp_path):
       retyped = path and _has(document, path) and value is not None and _kind(value) != _kind(original)
       if row.outcome == "handled" and retyped and field not in MULTI_TYPED and "metadata" not in path:
         row.outcome, row.bug, row.detail = "known_bug", "B13", f"accepted a {_kind(value)} for a {_kind(original)}"
-    assert not canary.exists()
 
 
 def _has(document, path) -> bool:
@@ -764,7 +808,12 @@ def test_manifest_random_values(mlp, tmp_path):
       mutant = json.loads(json.dumps(document))
       _get(mutant, path[:-1])[path[-1]] = value
       row = manifest_attack(
-        "manifest", f"random #{i}: {where_of(path)} = {json.dumps(value)[:40]}", json.dumps(mutant), path, work, mlp,
+        "manifest",
+        f"random #{i}: {where_of(path)} = {json.dumps(value)[:40]}",
+        json.dumps(mutant),
+        path,
+        work,
+        mlp,
         wrong_bug=_wrong_bug_for(path, value, _get(document, path)),
       )
       field = next((p for p in reversed(path) if isinstance(p, str)), "")
@@ -790,7 +839,10 @@ def test_whole_manifest_documents(mlp, tmp_path):
     ("a comment", b"// nnx\n" + text.encode()),
     ("truncated", text.encode()[: len(text) // 2]),
     ("NUL bytes", text.encode().replace(b"{", b"{\x00", 1)),
-    ("duplicate format key", text.replace('"format": "nnx-metal-artifact"', '"format": "x", "format": "nnx-metal-artifact"', 1).encode()),
+    (
+      "duplicate format key",
+      text.replace('"format": "nnx-metal-artifact"', '"format": "x", "format": "nnx-metal-artifact"', 1).encode(),
+    ),
     ("format version 1", text.replace('"format_version": 2', '"format_version": 1').encode()),
     ("format version 3", text.replace('"format_version": 2', '"format_version": 3').encode()),
     ("format version '2'", text.replace('"format_version": 2', '"format_version": "2"').encode()),
@@ -801,7 +853,9 @@ def test_whole_manifest_documents(mlp, tmp_path):
   with attacks_of_this_test():
     for attack, data in documents:
       (work / "manifest.json").write_bytes(data)
-      judge("manifest", f"document: {attack}", lambda: observe(work, mlp.calls), lambda s: differences(mlp.reference, s))
+      judge(
+        "manifest", f"document: {attack}", lambda: observe(work, mlp.calls), lambda s: differences(mlp.reference, s)
+      )
     # Larger than the 64 MiB limit (sparse: nothing is written), and JSON nested deeper than the C stack allows.
     with open(work / "manifest.json", "wb") as f:
       f.truncate(65 << 20)
@@ -809,7 +863,9 @@ def test_whole_manifest_documents(mlp, tmp_path):
     deep = tmp_path / "deep"
     fresh_copy(mlp.directory, deep)
     (deep / "manifest.json").write_bytes(b"[" * 3_000_000 + b"]" * 3_000_000)
-    script = f"import compile\ntry:\n  compile.Artifact.open({str(deep)!r})\nexcept compile.ArtifactError:\n  print('refused')"
+    script = (
+      f"import compile\ntry:\n  compile.Artifact.open({str(deep)!r})\nexcept compile.ArtifactError:\n  print('refused')"
+    )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     outcome = "refused" if result.returncode == 0 and "refused" in result.stdout else "crashed"
     LEDGER.add("manifest", "document: list nested 3 million deep (child process)", outcome, result.stderr[-300:])
@@ -817,36 +873,35 @@ def test_whole_manifest_documents(mlp, tmp_path):
 
 def test_variable_classes_are_never_imported(mlp, tmp_path, monkeypatch):
   """A manifest naming os:system, pickle:loads, builtins:eval ... as a Variable class: nothing is imported or run."""
-  work = fresh_copy(mlp.directory, tmp_path / "work")
+  work = tmp_path / "work"
   monkeypatch.chdir(tmp_path)
   canary = tmp_path / CANARY_NAME
   payload = f"touch {canary}"
   classes = [
-    "os:system",
-    "pickle:loads",
-    "builtins:eval",
-    "builtins:exec",
-    "subprocess:getoutput",
-    "subprocess:Popen",
-    "importlib:import_module",
-    "ctypes:CDLL",
-    "shutil:rmtree",
-    "posix:system",
-    f"os:system({payload!r})",
-    "__main__:Count",
-    "nnx_models._linear:Count.__init__.__globals__",
-    "flax.nnx:Param",  # a real Variable class, but not under the name it registers with
+    ("os:system", "system"),
+    ("pickle:loads", "loads"),
+    ("builtins:eval", "eval"),
+    ("builtins:exec", "exec"),
+    ("subprocess:getoutput", "getoutput"),
+    ("subprocess:Popen", "Popen"),
+    ("importlib:import_module", "import_module"),
+    ("ctypes:CDLL", "CDLL"),
+    ("shutil:rmtree", "rmtree"),
+    ("posix:system", "system"),
+    ("antigravity:geohash", "geohash"),
+    ("this:s", "s"),
+    (f"os:system({payload!r})", "system"),
+    ("__main__:Count", "Count"),
+    ("nnx_models._linear:Count.__init__.__globals__", "Count"),
+    ("flax.nnx:Param", "Param"),  # a real Variable class, but not under the name it is known by
   ]
-  names = ["system", "loads", "eval", "exec", "getoutput", "Popen", "import_module", "CDLL", "rmtree", "system"]
-  before = set(sys.modules)
+  importable = {"antigravity", "this"}
   with attacks_of_this_test():
-    for cls in classes:
-      for index, type_name in [(1, names[classes.index(cls)] if classes.index(cls) < len(names) else "Count"), (4, "X")]:
+    for cls, type_name in classes:
+      for index in (1, 4):
 
         def edit(m, cls=cls, index=index, type_name=type_name):
-          m["state"][index]["variable_class"] = cls
-          m["state"][index]["variable_type"] = type_name
-          m["state"][index]["metadata"] = {"command": payload, "shell": True}
+          m["state"][index].update(variable_class=cls, variable_type=type_name, metadata={"command": payload})
 
         fresh_copy(mlp.directory, work)
         edit_manifest(work, edit)
@@ -859,11 +914,12 @@ def test_variable_classes_are_never_imported(mlp, tmp_path, monkeypatch):
               return nnxc.Artifact.open(work).saved_state()
             return nnxc.load_program(work).load_state(ZOO["mlp"].make(0))
 
-          row = judge("manifest", f"variable_class {cls!r} ({use})", act, lambda s: "accepted" if s is not None else None)
-          if canary.exists() or (set(sys.modules) - before) & {"pickle", "subprocess", "ctypes"} - before:
+          before = set(sys.modules)
+          row = judge(
+            "manifest", f"variable_class {cls!r} of state[{index}] ({use})", act, lambda _: "a State was built"
+          )
+          if canary.exists() or (set(sys.modules) - before) & importable:
             row.outcome, row.detail = "wrong", "code was executed or a module imported"
-          if use == "load_state" and row.outcome == "handled":
-            row.outcome = "handled"  # load_state pushes arrays only: it never builds the classes
   assert not canary.exists()
 
 
@@ -908,24 +964,44 @@ def state_and_spec_edits(document: dict):
 
       yield f"state: {names} swapped in the list", mutant(swap), None
       yield f"state: globals of {names} swapped", mutant(lambda m, a=a, b=b: swap(m, a, b, ["global"])), None
-      yield f"state: names and paths of {names} swapped", mutant(lambda m, a=a, b=b: swap(m, a, b, ["name", "path"])), "B3"
+      yield (
+        f"state: names and paths of {names} swapped",
+        mutant(lambda m, a=a, b=b: swap(m, a, b, ["name", "path"])),
+        "B3",
+      )
       everything = ["name", "path", "variable_type", "variable_class", "metadata", "key_impl"]
-      yield f"state: all but the globals of {names} swapped", mutant(lambda m, a=a, b=b: swap(m, a, b, everything)), "B3"
+      yield (
+        f"state: all but the globals of {names} swapped",
+        mutant(lambda m, a=a, b=b, e=everything: swap(m, a, b, e)),
+        "B3",
+      )
   for i, entry in enumerate(state):
     name = entry["name"]
 
     def set_field(m, i=i, **fields):
       m["state"][i].update(fields)
 
-    yield f"state: {name} renamed", mutant(lambda m, i=i: set_field(m, i, name="renamed.x", path=["renamed", "x"])), "B3"
+    yield (
+      f"state: {name} renamed",
+      mutant(lambda m, i=i: set_field(m, i, name="renamed.x", path=["renamed", "x"])),
+      "B3",
+    )
     yield f"state: {name} path edited", mutant(lambda m, i=i: set_field(m, i, path=["renamed", "x"])), None
     yield f"state: {name} global edited", mutant(lambda m, i=i: set_field(m, i, **{"global": "zz"})), None
     other = state[(i + 1) % len(state)]["global"]
-    yield f"state: {name} global set to {other}'s", mutant(lambda m, i=i, o=other: set_field(m, i, **{"global": o})), None
+    yield (
+      f"state: {name} global set to {other}'s",
+      mutant(lambda m, i=i, o=other: set_field(m, i, **{"global": o})),
+      None,
+    )
     for dtype in _dtypes.DTYPES:
       if dtype != entry["dtype"]:
         edit = {"dtype": dtype, "device_dtype": dtype}
-        yield f"state: {name} dtype {entry['dtype']} -> {dtype}", mutant(lambda m, i=i, e=edit: set_field(m, i, **e)), "B4"
+        yield (
+          f"state: {name} dtype {entry['dtype']} -> {dtype}",
+          mutant(lambda m, i=i, e=edit: set_field(m, i, **e)),
+          "B4",
+        )
     yield f"state: {name} device_dtype float64", mutant(lambda m, i=i: set_field(m, i, device_dtype="float64")), None
     for label, shape in _shape_edits(entry["shape"]):
       yield f"state: {name} shape {label}", mutant(lambda m, i=i, s=shape: set_field(m, i, shape=s)), None
@@ -944,14 +1020,26 @@ def state_and_spec_edits(document: dict):
         for label, shape in _shape_edits(tensor["shape"]):
           yield f"spec: {where} shape {label}", mutant(lambda m, s=shape, st=set_tensor: st(m, shape=s)), None
         yield f"spec: {where} renamed", mutant(lambda m, st=set_tensor: st(m, name="renamed")), None
-      yield f"spec: {function}.{side} duplicated", mutant(lambda m, f=function, s=side: m["functions"][f][s].extend(m["functions"][f][s])), None
+      yield (
+        f"spec: {function}.{side} duplicated",
+        mutant(lambda m, f=function, s=side: m["functions"][f][s].extend(m["functions"][f][s])),
+        None,
+      )
       yield f"spec: {function}.{side} emptied", mutant(lambda m, f=function, s=side: m["functions"][f][s].clear()), None
     yield f"spec: {function}.updates emptied", mutant(lambda m, f=function: m["functions"][f]["updates"].clear()), None
-    yield f"spec: {function}.updates all", mutant(lambda m, f=function: m["functions"][f].update(updates=[e["name"] for e in state])), None
+    yield (
+      f"spec: {function}.updates all",
+      mutant(lambda m, f=function: m["functions"][f].update(updates=[e["name"] for e in state])),
+      None,
+    )
   functions = list(document["functions"])
   if len(functions) == 2:
     a, b = functions
-    yield "spec: function specs swapped", mutant(lambda m: m.update(functions={a: m["functions"][b], b: m["functions"][a]})), None
+    yield (
+      "spec: function specs swapped",
+      mutant(lambda m: m.update(functions={a: m["functions"][b], b: m["functions"][a]})),
+      None,
+    )
     yield "spec: a function dropped", mutant(lambda m: m["functions"].pop(b)), None
     yield "spec: a function renamed", mutant(lambda m: m["functions"].update(extra=m["functions"].pop(b))), None
 
@@ -963,7 +1051,9 @@ def test_swapped_and_edited_state_entries_and_specs(mlp, negative_counter, tmp_p
       work = fresh_copy(subject.directory, tmp_path / subject.directory.name)
       document = json.loads((subject.directory / "manifest.json").read_text())
       for attack, mutant, bug in state_and_spec_edits(document):
-        manifest_attack("state", f"{subject.directory.name}: {attack}", json.dumps(mutant), (), work, subject, wrong_bug=bug)
+        manifest_attack(
+          "state", f"{subject.directory.name}: {attack}", json.dumps(mutant), (), work, subject, wrong_bug=bug
+        )
 
 
 def test_output_structure_and_descriptions_edited(pair, mlp, tmp_path):
@@ -1002,8 +1092,18 @@ def test_output_structure_and_descriptions_edited(pair, mlp, tmp_path):
       (f"state[{key}].key_impl rbg (needs 4 words)", key, {"key_impl": "rbg"}, None),
       (f"state[{key}].key_impl unsafe_rbg", key, {"key_impl": "unsafe_rbg"}, None),
       (f"state[{param}].key_impl on a float", param, {"key_impl": "threefry2x32"}, None),
-      (f"state[{stat_}] typed Param", stat_, {k: document["state"][param][k] for k in ("variable_type", "variable_class")}, "B14"),
-      (f"state[{param}] typed BatchStat", param, {k: document["state"][stat_][k] for k in ("variable_type", "variable_class")}, "B14"),
+      (
+        f"state[{stat_}] typed Param",
+        stat_,
+        {k: document["state"][param][k] for k in ("variable_type", "variable_class")},
+        "B14",
+      ),
+      (
+        f"state[{param}] typed BatchStat",
+        param,
+        {k: document["state"][stat_][k] for k in ("variable_type", "variable_class")},
+        "B14",
+      ),
       (f"state[{param}] type name not its class", param, {"variable_type": "BatchStat"}, None),
     ]
     for label, index, fields, bug in edits:
@@ -1024,7 +1124,13 @@ def _nest(structure: dict, depth: int) -> dict:
 def _flip_cases(file: str, size: int, count: int, seed: int, *, rehash: bool, limit: int | None = None) -> list:
   rng = random.Random(seed)
   return [
-    {"file": file, "op": "flip", "offset": rng.randrange(min(size, limit or size)), "mask": 1 << rng.randrange(8), "rehash": rehash}
+    {
+      "file": file,
+      "op": "flip",
+      "offset": rng.randrange(min(size, limit or size)),
+      "mask": 1 << rng.randrange(8),
+      "rehash": rehash,
+    }
     for _ in range(count)
   ]
 
@@ -1049,35 +1155,47 @@ def _apply(directory: pathlib.Path, case: dict) -> None:
 
 
 def _describe(case: dict) -> str:
-  how = {"flip": f"bit {case.get('mask')} flipped at {case.get('offset')}", "truncate": f"truncated to {case.get('length')}"}
+  how = {
+    "flip": f"bit {case.get('mask')} flipped at {case.get('offset')}",
+    "truncate": f"truncated to {case.get('length')}",
+  }
   return f"{case['file']} {how.get(case['op'], case['op'])}{' (rehashed)' if case['rehash'] else ''}"
 
 
-def test_tampered_files_are_refused_by_their_hash(mlp, vulkan_counter_artifact, tmp_path):
+def test_tampered_files_are_refused_by_their_hash(mlp, tmp_path, request):
   """Every file of a cpu and a vulkan artifact: flipped bits, truncations and appended bytes, hashes left alone."""
-  vulkan = vulkan_counter_artifact.save(tmp_path / "vulkan")
+  vulkan = _vulkan_subject(request, tmp_path)
   with attacks_of_this_test():
-    for subject, calls in ((mlp.directory, mlp.calls), (vulkan, [("train", ())])):
-      work = tmp_path / f"work-{subject.name}"
-      files = [p.relative_to(subject).as_posix() for p in subject.rglob("*") if p.is_file() and p.name != "manifest.json"]
-      for i, file in enumerate(sorted(files)):
-        size = (subject / file).stat().st_size
-        cases = _flip_cases(file, size, 12 if "/" not in file else 3, i, rehash=False) + _truncations(file, size, rehash=False)
+    for subject in [mlp] + ([vulkan] if vulkan else []):
+      work = tmp_path / f"work-{subject.directory.name}"
+      files = [p.relative_to(subject.directory).as_posix() for p in subject.directory.rglob("*") if p.is_file()]
+      for i, file in enumerate(sorted(f for f in files if f != "manifest.json")):
+        size = (subject.directory / file).stat().st_size
+        cases = _flip_cases(file, size, 12 if "/" not in file else 3, i, rehash=False) + _truncations(
+          file, size, rehash=False
+        )
         cases.append({"file": file, "op": "append", "length": 16, "rehash": False})
         for case in cases:
-          fresh_copy(subject, work)
+          fresh_copy(subject.directory, work)
           _apply(work, case)
-          judge("tamper", f"{subject.name}: {_describe(case)}", lambda w=work, c=calls: observe(w, c, state=False))
+          judge(
+            "tamper",
+            f"{subject.directory.name}: {_describe(case)}",
+            lambda w=work, s=subject: observe(w, s.calls, state=False),
+          )
 
 
-def test_tampered_descriptive_files_with_recomputed_hashes(mlp, vulkan_counter_artifact, tmp_path):
+def test_tampered_descriptive_files_with_recomputed_hashes(mlp, tmp_path, request):
   """module.mlir and spirv/*.spv are never executed: flipped and rehashed, the program must run exactly as before."""
-  vulkan = vulkan_counter_artifact.save(tmp_path / "vulkan")
-  vulkan_subject = _subject(vulkan, [("train", ()), ("train", ())])
+  vulkan = _vulkan_subject(request, tmp_path)
   with attacks_of_this_test():
-    for subject in (mlp, vulkan_subject):
+    for subject in [mlp] + ([vulkan] if vulkan else []):
       work = tmp_path / f"work-{subject.directory.name}"
-      files = [p.relative_to(subject.directory).as_posix() for p in subject.directory.rglob("*") if p.suffix in (".mlir", ".spv")]
+      files = [
+        p.relative_to(subject.directory).as_posix()
+        for p in subject.directory.rglob("*")
+        if p.suffix in (".mlir", ".spv")
+      ]
       for i, file in enumerate(sorted(files)):
         size = (subject.directory / file).stat().st_size
         for case in _flip_cases(file, size, 6, 100 + i, rehash=True) + _truncations(file, size, rehash=True)[:3]:
@@ -1120,16 +1238,14 @@ def others(tmp_path_factory):
   linear_args = ZOO["linear"].example_args(BATCH, 0)
   made = {
     "linear": _export(ZOO["linear"].make(0), {"eval": nnxc.method("__call__", *linear_args)}),
-    "mlp seed 1": _export(ZOO["mlp"].make(1), {m: nnxc.method("__call__", *mlp_args, mode=m) for m in ("train", "eval")}),
+    "mlp seed 1": _export(
+      ZOO["mlp"].make(1), {m: nnxc.method("__call__", *mlp_args, mode=m) for m in ("train", "eval")}
+    ),
     "mlp batch 8": _export(ZOO["mlp"].make(0), {m: nnxc.method("__call__", *eight, mode=m) for m in ("train", "eval")}),
     "mlp eval only": _export(ZOO["mlp"].make(0), {"eval": nnxc.method("__call__", *mlp_args, mode="eval")}),
-    "mlp train, eval, eval2": _export(
-      ZOO["mlp"].make(0), {m: nnxc.method("__call__", *mlp_args, mode=m.rstrip("2")) for m in ("train", "eval", "eval2")}
+    "linear 3x5": _export(
+      Linear(3, 5, rngs=nnx.Rngs(0)), {"eval": nnxc.method("__call__", np.ones((BATCH, 3), np.float32))}
     ),
-    "mlp, functions in the other order": _export(
-      ZOO["mlp"].make(0), {m: nnxc.method("__call__", *mlp_args, mode=m) for m in ("eval", "train")}
-    ),
-    "linear 3x5": _export(Linear(3, 5, rngs=nnx.Rngs(0)), {"eval": nnxc.method("__call__", np.ones((BATCH, 3), np.float32))}),
     "twin of linear (other state names)": _export(_Twin(), {"eval": nnxc.method("__call__", *linear_args)}),
   }
   return {name: artifact.save(root / name.replace(" ", "_").replace(",", "")) for name, artifact in made.items()}
@@ -1146,8 +1262,18 @@ class _Twin(nnx.Module):
     return x @ self.z + self.a
 
 
+def _observe_or_none(make_directory, calls):
+  """What a legitimate artifact gives for ``calls``, or None where the library itself refuses to build or run it."""
+  try:
+    return observe(make_directory(), calls)
+  except nnxc.NnxMetalError:
+    return None
+
+
 def test_files_from_other_exports_with_recomputed_hashes(mlp, others, tmp_path):
-  """A vmfb or params.irpa of another model or export, the manifest's hash recomputed: the cross-checks catch it."""
+  """A vmfb or params.irpa of another model or export, the manifest's hash recomputed: the cross-checks catch it.
+  Where the files do fit (the same model's archive with other values), the result must be what the library itself
+  builds from them (``Artifact.with_params``)."""
   linear = _subject(others["linear"], [("eval", (np.asarray(ZOO["linear"].example_args(BATCH, 3)[0]),))])
   with attacks_of_this_test():
     for target, subject in (("mlp", mlp), ("linear", linear)):
@@ -1155,28 +1281,54 @@ def test_files_from_other_exports_with_recomputed_hashes(mlp, others, tmp_path):
         if other == subject.directory:
           continue
         for file in ("module.vmfb", "params.irpa"):
+          # This artifact with the other export's file.
+          if file == "params.irpa":
+            fit = _observe_or_none(
+              lambda s=subject, o=other: (
+                nnxc.Artifact.open(s.directory)
+                .with_params(nnxc.Artifact.open(o).params)
+                .save(tmp_path / "legit", overwrite=True)
+              ),
+              subject.calls,
+            )
+          else:  # the vmfb of the same export (another seed) computes the same functions of the state
+            fit = subject.reference if _same_export(subject.directory, other) else None
           work = fresh_copy(subject.directory, tmp_path / "work")
           shutil.copy(other / file, work / file)
           rehash(work, file)
-          same_layout = file == "params.irpa" and name.startswith("mlp") and target == "mlp"
           judge(
             "tamper",
             f"{target}: {file} of {name} (rehashed)",
             lambda w=work, s=subject: observe(w, s.calls),
-            # The same model's archive with other values is a valid state: the values must be that archive's.
-            lambda seen, o=other, s=subject, ok=same_layout: None
-            if ok and not differences(observe(o, [])["arrays"], nnxc.Artifact.open(o).load().arrays())
-            else differences(s.reference, seen),
+            lambda seen, fit=fit: "accepted files that do not fit" if fit is None else differences(fit, seen),
           )
-          # The other export's manifest with this artifact's files, rehashed: also a consistent-looking artifact.
-          work = fresh_copy(subject.directory, tmp_path / "work")
-          shutil.copy(other / "manifest.json", work / "manifest.json")
+          # The other export's manifest and files, with this artifact's file.
+          if file == "params.irpa":
+            fit = _observe_or_none(
+              lambda s=subject, o=other: (
+                nnxc.Artifact.open(o)
+                .with_params(nnxc.Artifact.open(s.directory).params)
+                .save(tmp_path / "legit", overwrite=True)
+              ),
+              subject.calls,
+            )
+          else:
+            fit = _observe_or_none(lambda o=other: o, subject.calls) if _same_export(subject.directory, other) else None
+          work = fresh_copy(other, tmp_path / "work")
           shutil.copy(subject.directory / file, work / file)
-          for each in ("module.vmfb", "params.irpa"):
-            if each != file:
-              shutil.copy(other / each, work / each)
-          rehash(work, "module.vmfb", "params.irpa", "module.mlir")
-          judge("tamper", f"{target}: manifest of {name} over this {file} (rehashed)", lambda w=work, s=subject: observe(w, s.calls))
+          rehash(work, file)
+          judge(
+            "tamper",
+            f"{target}: its {file} under the manifest of {name} (rehashed)",
+            lambda w=work, s=subject: observe(w, s.calls),
+            lambda seen, fit=fit: "accepted files that do not fit" if fit is None else differences(fit, seen),
+          )
+
+
+def _same_export(a: pathlib.Path, b: pathlib.Path) -> bool:
+  """Whether two artifacts export the same functions of the same state for the same target (seeds aside)."""
+  ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+  return all(ma[k] == mb[k] for k in ("target", "state", "functions", "graphdef_fingerprint"))
 
 
 def test_rehashed_vmfb_of_another_target(mlp, vulkan_counter_artifact, counter_artifact, tmp_path):
@@ -1283,31 +1435,44 @@ def _make_socket(path: pathlib.Path) -> None:
   sock.close()
 
 
-def test_links_fifos_and_folders_in_the_artifact(mlp, vulkan_counter_artifact, outside, tmp_path):
+def _vulkan_subject(request, tmp_path) -> Subject | None:
+  """The vulkan counter as a subject, or None where this machine has no vulkan device."""
+  try:
+    artifact = request.getfixturevalue("vulkan_counter_artifact")
+  except pytest.skip.Exception:
+    return None
+  return _subject(artifact.save(tmp_path / "vulkan"), [("train", ()), ("train", ())])
+
+
+def test_links_fifos_and_folders_in_the_artifact(mlp, outside, tmp_path, request):
   """Files and folders replaced by symbolic links to identical copies outside, FIFOs, sockets and directories."""
-  vulkan = vulkan_counter_artifact.save(tmp_path / "vulkan")
-  spirv = sorted(p.name for p in (vulkan / "spirv").iterdir())[0]
+  vulkan = _vulkan_subject(request, tmp_path)
+  subjects = [mlp] + ([vulkan] if vulkan else [])
+  copies = tmp_path / "copies"
   cases = []
-  for subject, calls in ((mlp.directory, mlp.calls), (vulkan, [("train", ())])):
+  for subject in subjects:
     files = ["manifest.json", "module.vmfb", "params.irpa", "module.mlir"]
-    if subject == vulkan:
-      files.append(f"spirv/{spirv}")
+    files += sorted(p.relative_to(subject.directory).as_posix() for p in subject.directory.glob("spirv/*"))[:1]
     for file in files:
-      cases.append((subject, calls, f"{file} a link to an identical copy outside", file, "link"))
-      cases.append((subject, calls, f"{file} a link to /dev/zero", file, "devzero"))
-      cases.append((subject, calls, f"{file} a hard link to an identical copy outside", file, "hardlink"))
-      cases.append((subject, calls, f"{file} a FIFO", file, "fifo"))
-      cases.append((subject, calls, f"{file} a socket", file, "socket"))
-      cases.append((subject, calls, f"{file} a directory", file, "dir"))
-      cases.append((subject, calls, f"{file} a dangling link", file, "dangling"))
-  cases.append((vulkan, [("train", ())], "spirv/ a link to an identical copy outside", "spirv", "link"))
-  cases.append((vulkan, [("train", ())], "spirv/ a file", "spirv", "file"))
-  cases.append((vulkan, [("train", ())], "spirv/ removed", "spirv", "remove"))
+      for how, label in [
+        ("link", "a link to an identical copy outside"),
+        ("devzero", "a link to /dev/zero"),
+        ("hardlink", "a hard link to an identical copy outside"),
+        ("fifo", "a FIFO"),
+        ("socket", "a socket"),
+        ("dir", "a directory"),
+        ("dangling", "a dangling link"),
+      ]:
+        cases.append((subject, f"{file} {label}", file, how))
+  if vulkan:
+    for how, label in [("link", "a link to an identical copy outside"), ("file", "a file"), ("remove", "removed")]:
+      cases.append((vulkan, f"spirv/ {label}", "spirv", how))
   before = snapshot(outside)
   with attacks_of_this_test():
-    for subject, calls, attack, file, how in cases:
-      work = fresh_copy(subject, tmp_path / "art")
-      target, copy = work / file, outside / "copies" / file
+    for subject, attack, file, how in cases:
+      work = fresh_copy(subject.directory, tmp_path / "art")
+      target = work / file
+      copy = copies / subject.directory.name / file
       copy.parent.mkdir(parents=True, exist_ok=True)
       if not copy.exists():
         shutil.copytree(target, copy) if target.is_dir() else shutil.copy(target, copy)
@@ -1328,36 +1493,20 @@ def test_links_fifos_and_folders_in_the_artifact(mlp, vulkan_counter_artifact, o
         target.symlink_to(outside / "missing")
       elif how == "file":
         target.write_bytes(b"")
-      done = threading.Event()
-      if how == "fifo":
-        # If anything opened the FIFO for reading it would block: a watchdog unblocks it and marks a hang.
-        def watchdog(path=target):
-          if not done.wait(10):
-            with contextlib.suppress(OSError):
-              os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-
-        threading.Thread(target=watchdog, daemon=True).start()
-      started = time.monotonic()
-      with audited() as paths:
-        # A hard link is the directory's own file: it must open and run exactly as the original.
-        check = (lambda seen, s=subject: differences(_reference_for(s, mlp), seen)) if how == "hardlink" else None
-        row = judge("paths", f"{subject.name}: {attack}", lambda w=work, c=calls: observe(w, c), check)
-      done.set()
-      if how == "fifo" and time.monotonic() - started > 9:
+      # A hard link is the directory's own file: it must open and run exactly as the original.
+      check = (lambda seen, s=subject: differences(s.reference, seen)) if how == "hardlink" else (lambda _: "accepted")
+      with audited() as paths, fifo_watchdog(work) as watch:
+        row = judge(
+          "paths", f"{subject.directory.name}: {attack}", lambda w=work, s=subject: observe(w, s.calls), check
+        )
+      if watch["hung"]:
         row.outcome, row.detail = "crashed", "hung on a FIFO"
       if how in ("link", "devzero", "dangling") and row.outcome == "handled":
         row.outcome, row.detail = "wrong", "a symbolic link was followed"
-      touched = touched_outside(paths, [outside])
+      touched = touched_outside(paths, [outside, copies] if how != "hardlink" else [outside])
       if touched:
         row.outcome, row.detail = "wrong", f"touched {touched[:3]}"
   assert snapshot(outside) == before
-
-
-def _reference_for(directory: pathlib.Path, mlp: Subject) -> dict:
-  return mlp.reference if directory == mlp.directory else _VULKAN_REFERENCE[directory]
-
-
-_VULKAN_REFERENCE: dict = {}
 
 
 def test_artifact_directory_reached_through_links(mlp, outside, tmp_path):
@@ -1365,7 +1514,12 @@ def test_artifact_directory_reached_through_links(mlp, outside, tmp_path):
   with attacks_of_this_test():
     link = tmp_path / "link"
     link.symlink_to(mlp.directory)
-    judge("paths", "the artifact directory is a symbolic link", lambda: observe(link, mlp.calls), lambda s: differences(mlp.reference, s))
+    judge(
+      "paths",
+      "the artifact directory is a symbolic link",
+      lambda: observe(link, mlp.calls),
+      lambda s: differences(mlp.reference, s),
+    )
     work = fresh_copy(mlp.directory, tmp_path / "art")
     (work / "evil").symlink_to(outside)
     (work / "etc").symlink_to("/etc")
@@ -1373,14 +1527,14 @@ def test_artifact_directory_reached_through_links(mlp, outside, tmp_path):
     (work / "spirv").mkdir()
     (work / "spirv" / "x.spv").symlink_to(outside / "x.spv")
     with audited() as paths:
-      row = judge("paths", "unlisted links inside the artifact", lambda: observe(work, mlp.calls), lambda s: differences(mlp.reference, s))
-    if touched_outside(paths, [outside, pathlib.Path("/etc")]):
+      row = judge(
+        "paths",
+        "unlisted links inside the artifact",
+        lambda: observe(work, mlp.calls),
+        lambda s: differences(mlp.reference, s),
+      )
+    if touched_outside(paths, [outside]):
       row.outcome, row.detail = "wrong", f"touched {touched_outside(paths, [outside])[:3]}"
-    for name in ("../outside/x", "/etc/passwd", "msl/../../outside/x.metal"):
-      directory = tmp_path / "relative"
-      with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(directory)
-      judge("paths", f"open({name!r} joined to the artifact)", lambda n=name: nnxc.Artifact.open(mlp.directory / n))
 
 
 # 5. Saving: refuses to replace what is not an artifact, swaps atomically, survives kills and concurrency.
@@ -1393,8 +1547,8 @@ def _setup(kind: str, path: pathlib.Path, outside: pathlib.Path, artifact_dir: p
   elif kind == "regular file":
     path.write_text("user data")
   elif kind == "link to an artifact elsewhere":
-    shutil.copytree(artifact_dir, outside / "artifact")
-    path.symlink_to(outside / "artifact")
+    shutil.copytree(artifact_dir, outside / f"artifact-{path.parent.name}")
+    path.symlink_to(outside / f"artifact-{path.parent.name}")
   elif kind == "link to a non-artifact directory":
     path.symlink_to(outside)
   elif kind == "dangling link":
@@ -1458,8 +1612,13 @@ def test_save_onto_what_is_there(mlp, outside, tmp_path):
           artifact.save(path, overwrite=overwrite)
           return observe(path, mlp.calls)
 
-        with audited() as paths:
+        with audited() as paths, fifo_watchdog(root) as watch:
           row = judge("saving", attack, act, lambda s: differences(mlp.reference, s))
+        if watch["hung"]:
+          row.outcome, row.detail, row.bug = (
+            ("known_bug", "hung", "B17") if "FIFO" in kind else ("crashed", "hung", None)
+          )
+          continue
         problems = []
         if row.outcome == "refused" and snapshot(root) != before:
           problems.append("a refused save changed the directory")
@@ -1467,7 +1626,7 @@ def test_save_onto_what_is_there(mlp, outside, tmp_path):
           problems.append("replaced something that is not an artifact without overwrite=True")
         if row.outcome == "refused" and (expected == "replace" or overwrite):
           problems.append("refused a save it should make")
-        if snapshot(outside) != before_outside or touched_outside([p for p in paths if p[0] != "open"], [outside]):
+        if snapshot(outside) != before_outside or touched_outside(paths, [outside]):
           problems.append("touched a link's target outside")
         if [p.name for p in root.iterdir() if p.name.startswith(".")]:
           problems.append(f"left temporaries {[p.name for p in root.iterdir()]}")
@@ -1499,8 +1658,9 @@ def test_save_with_hostile_file_names(mlp, outside, tmp_path):
 def test_stale_temporaries_are_removed_only_when_stale(mlp, outside, tmp_path):
   """Temporaries of dead saves are removed; those of live processes, and link targets, are left alone."""
   artifact = nnxc.Artifact.open(mlp.directory)
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-  dead_pid = int(dead.stdout)
+  dead_pid = int(
+    subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+  )
   root = tmp_path / "root"
   root.mkdir()
   stale = root / f".art.tmp-{dead_pid}-abc123"
@@ -1510,18 +1670,28 @@ def test_stale_temporaries_are_removed_only_when_stale(mlp, outside, tmp_path):
   live.mkdir()
   linked = root / f".art.tmp-{dead_pid}-link01"
   linked.symlink_to(outside)
-  other_name = root / f".other.tmp-{dead_pid}-abc123"
-  other_name.mkdir()
+  foreign = root / f".other.tmp-{dead_pid}-abc123"
+  foreign.mkdir()
   before = snapshot(outside)
   with attacks_of_this_test():
-    row = judge("saving", "save next to stale, live, linked and foreign temporaries", lambda: artifact.save(root / "art"))
-    expected = sorted([live.name, linked.name, other_name.name, "art"])
-    if sorted(p.name for p in root.iterdir()) != expected and not (
-      sorted(p.name for p in root.iterdir()) == sorted([live.name, other_name.name, "art"])
+    row = judge(
+      "saving", "save next to stale, live, linked and foreign temporaries", lambda: artifact.save(root / "art")
+    )
+    left = {p.name for p in root.iterdir()}
+    if (
+      not {"art", live.name, foreign.name} <= left
+      or stale.name in left
+      or left - {"art", live.name, foreign.name, linked.name}
     ):
-      row.outcome, row.detail = "wrong", f"left {sorted(p.name for p in root.iterdir())}"
+      row.outcome, row.detail = "wrong", f"left {sorted(left)}"
     if snapshot(outside) != before:
       row.outcome, row.detail = "wrong", "followed a link named like a temporary"
+    fifo = root / f".art.tmp-{dead_pid}-fifo01"
+    os.mkfifo(fifo)
+    with fifo_watchdog(root) as watch:
+      row = judge("saving", "save next to a FIFO named like a stale temporary", lambda: artifact.save(root / "art"))
+    if watch["hung"]:
+      row.outcome, row.detail, row.bug = "known_bug", "hung", "B17"
 
 
 SAVER = textwrap.dedent(
@@ -1577,7 +1747,15 @@ def test_concurrent_saves_from_several_processes(counter_artifact, tmp_path):
   stop = tmp_path / "stop"
 
   def start(*argv):
-    process = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+      [sys.executable, *argv],
+      cwd=REPO,
+      env=env,
+      text=True,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
     assert process.stdout.readline().strip() == "ready", process.stderr.read()
     return process
 
@@ -1591,16 +1769,29 @@ def test_concurrent_saves_from_several_processes(counter_artifact, tmp_path):
   with attacks_of_this_test():
     for k, process in enumerate(savers):
       out, err = process.communicate(timeout=120)
-      outcome = "handled" if process.returncode == 0 and "saved" in out else ("crashed" if process.returncode < 0 else "raw")
+      outcome = (
+        "handled" if process.returncode == 0 and "saved" in out else ("crashed" if process.returncode < 0 else "raw")
+      )
       LEDGER.add("saving", f"concurrent saver {k}: 10 saves into the shared directory", outcome, err[-300:])
     stop.write_text("")
     out, err = reader.communicate(timeout=120)
     seen = json.loads(out.splitlines()[-1])
     detail = f"{seen['whole']} whole opens, {len(seen['refused'])} refused: {seen['refused'][:1]}"
+    NOTES["opens by a reader during the concurrent saves"] = (
+      f"{seen['whole']} whole, {len(seen['refused'])} refused (B15)"
+    )
     if seen["wrong"] or seen["raw"]:
-      LEDGER.add("saving", "a reader opening the directory during the saves", "wrong", f"{seen['wrong'][:3]} {seen['raw'][:3]}")
+      LEDGER.add(
+        "saving", "a reader opening the directory during the saves", "wrong", f"{seen['wrong'][:3]} {seen['raw'][:3]}"
+      )
     else:
-      LEDGER.add("saving", "a reader opening the directory during the saves", "known_bug" if seen["refused"] else "handled", detail, "B15" if seen["refused"] else None)
+      LEDGER.add(
+        "saving",
+        "a reader opening the directory during the saves",
+        "known_bug" if seen["refused"] else "handled",
+        detail,
+        "B15" if seen["refused"] else None,
+      )
     judge(
       "saving",
       "the shared directory after the concurrent saves",
@@ -1616,7 +1807,8 @@ KILLER = textwrap.dedent(
   import json, os, pathlib, random, signal, sys, time
   import compile
   from compile.runtime import Artifact
-  old_dir, new_dir, target, trials, seed = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+  old_dir, new_dir, target = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
+  trials, seed = int(sys.argv[4]), int(sys.argv[5])
   old, new = Artifact.open(old_dir), Artifact.open(new_dir)
   values = {int(old.params["count"]), int(new.params["count"])}
   old.save(target)
@@ -1670,13 +1862,18 @@ def test_saves_killed_at_random_moments(counter_artifact, tmp_path):
   rows = json.loads(result.stdout.splitlines()[-1])
   with attacks_of_this_test():
     for row in rows:
-      attack = f"save killed at a random moment #{row['trial']}" + (f" (left {len(row['left'])} temporaries)" if row["left"] else "")
+      attack = f"save killed at a random moment #{row['trial']}" + (
+        f" (left {len(row['left'])} temporaries)" if row["left"] else ""
+      )
       if row["outcome"] != "whole":
-        LEDGER.add("saving", attack, "wrong" if row["outcome"] != "refused" else "wrong", f"not whole: {row['detail']}")
+        LEDGER.add("saving", attack, "wrong", f"not whole: {row['outcome']} {row['detail']}")
       elif row["after"]:
         LEDGER.add("saving", attack, "wrong", f"the next save left {row['after']}")
       else:
         LEDGER.add("saving", attack, "handled", row["detail"])
+  NOTES["kills that left temporaries (removed by the next save)"] = (
+    f"{sum(bool(r['left']) for r in rows)} of {len(rows)}"
+  )
   assert any(row["left"] for row in rows), "no kill left a temporary: the kills did not land inside saves"
 
 
@@ -1694,9 +1891,21 @@ def input_cases(x: np.ndarray):
   """(attack, args, expected): expected is 'refuse' or the input array the call must equal the program's result on."""
   for shape in [(), (4,), (2,), (4, 3), (3, 2), (8, 2), (4, 2, 1), (1, 4, 2), (0, 2), (4, 0), (2, 4)]:
     yield f"shape {shape}", (np.zeros(shape, np.float32),), "refuse"
-  for dtype in [*(d for d in _dtypes.DTYPES if d != "float32"), "object", "<U3", "S4", "datetime64[s]", "timedelta64[s]", "V4"]:
+  for dtype in [
+    *(d for d in _dtypes.DTYPES if d != "float32"),
+    "object",
+    "<U3",
+    "S4",
+    "datetime64[s]",
+    "timedelta64[s]",
+    "V4",
+  ]:
     with contextlib.suppress(TypeError, ValueError):
-      yield f"dtype {dtype}", (np.zeros((4, 2), _dtypes.DTYPES[dtype].numpy if dtype in _dtypes.DTYPES else dtype),), "refuse"
+      yield (
+        f"dtype {dtype}",
+        (np.zeros((4, 2), _dtypes.DTYPES[dtype].numpy if dtype in _dtypes.DTYPES else dtype),),
+        "refuse",
+      )
   yield "structured dtype", (np.zeros((4, 2), [("a", "<f4")]),), "refuse"
   yield "big-endian structured", (np.zeros((4, 2), [("a", ">f4")]),), "refuse"
   yield "no inputs", (), "refuse"
@@ -1743,7 +1952,11 @@ def input_cases(x: np.ndarray):
   special[2] = [1e-45, np.finfo(np.float32).max]
   yield "NaN, inf, -inf, -0, subnormal, max", (special,), special
   yield "all NaN", (np.full((4, 2), np.nan, np.float32),), np.full((4, 2), np.nan, np.float32)
-  yield "NaN with a payload", (np.full((4, 2), 0x7FC00123, np.uint32).view(np.float32),), np.full((4, 2), 0x7FC00123, np.uint32).view(np.float32)
+  yield (
+    "NaN with a payload",
+    (np.full((4, 2), 0x7FC00123, np.uint32).view(np.float32),),
+    np.full((4, 2), 0x7FC00123, np.uint32).view(np.float32),
+  )
 
 
 def _readonly(x: np.ndarray) -> np.ndarray:
@@ -1752,6 +1965,7 @@ def _readonly(x: np.ndarray) -> np.ndarray:
   return y
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix, on purpose
 def test_function_inputs(mlp, x):
   """Every odd input to eval: refused with SignatureError, or computed exactly as on the plain array."""
   program = nnxc.load_program(mlp.directory)
@@ -1786,15 +2000,29 @@ def test_random_arrays(mlp, x):
     for i in range(300):
       dtype = dtypes[rng.integers(len(dtypes))]
       shape = (4, 2) if rng.random() < 0.5 else tuple(int(d) for d in rng.integers(0, 6, rng.integers(0, 4)))
-      base = rng.normal(size=(shape[0] * 2 if shape else 1, *shape[1:])).astype(dtype) if shape else rng.normal(size=()).astype(dtype)
+      base = (
+        rng.normal(size=(shape[0] * 2 if shape else 1, *shape[1:])).astype(dtype)
+        if shape
+        else rng.normal(size=()).astype(dtype)
+      )
       array = base[::2] if shape and rng.random() < 0.5 else (base[: shape[0]] if shape else base)
       if rng.random() < 0.2:
         array = np.asfortranarray(array)
       if array.dtype.name == "float32" and array.shape == (4, 2):
         want = program.eval(np.ascontiguousarray(array, np.float32))
-        judge("inputs", f"random #{i}: {dtype.str}{list(array.shape)}", lambda a=array: program.eval(a), lambda y, w=want: differences(w, y))
+        judge(
+          "inputs",
+          f"random #{i}: {dtype.str}{list(array.shape)}",
+          lambda a=array: program.eval(a),
+          lambda y, w=want: differences(w, y),
+        )
       else:
-        judge("inputs", f"random #{i}: {dtype.str}{list(array.shape)}", lambda a=array: program.eval(a), lambda y: "accepted")
+        judge(
+          "inputs",
+          f"random #{i}: {dtype.str}{list(array.shape)}",
+          lambda a=array: program.eval(a),
+          lambda y: "accepted",
+        )
 
 
 def test_set_arrays_values(mlp):
@@ -1881,7 +2109,9 @@ def test_threads_count_every_call(target, counter_artifact, request):
     start = int(program.arrays()["count"])
     errors = _hammer([lambda: [program.train() for _ in range(500)] for _ in range(8)])
     count = int(program.arrays()["count"])
-    _thread_outcome(f"{target}: 8 threads x 500 train calls", errors, None if count == start + 4000 else f"count {count - start}")
+    _thread_outcome(
+      f"{target}: 8 threads x 500 train calls", errors, None if count == start + 4000 else f"count {count - start}"
+    )
 
     seen: list[list[int]] = [[] for _ in range(4)]
     done = threading.Event()
@@ -1929,6 +2159,7 @@ def test_threads_readers_never_see_half_a_set_arrays(mlp):
         torn.append((mean[:2], var[:2]))
 
   with attacks_of_this_test():
+    program.set_arrays({"bn.mean": np.zeros(16, np.float32), "bn.var": np.zeros(16, np.float32)})
     readers = [threading.Thread(target=reader) for _ in range(3)]
     for thread in readers:
       thread.start()
@@ -1936,7 +2167,9 @@ def test_threads_readers_never_see_half_a_set_arrays(mlp):
     done.set()
     for thread in readers:
       thread.join(60)
-    _thread_outcome("cpu: 4 set_arrays writers x 200 with 3 readers", errors, f"{len(torn)} torn reads: {torn[:2]}" if torn else None)
+    _thread_outcome(
+      "cpu: 4 set_arrays writers x 200 with 3 readers", errors, f"{len(torn)} torn reads: {torn[:2]}" if torn else None
+    )
 
 
 @pytest.mark.parametrize("target", ["cpu", "vulkan"])
@@ -1945,7 +2178,9 @@ def test_threads_get_their_own_outputs(target):
   if target == "vulkan":
     require_device("vulkan")
   args = ZOO["stateful_linear"].example_args(BATCH, 0)
-  program = _export(ZOO["stateful_linear"].make(0), {"train": nnxc.method("__call__", *args, mode="train")}, target).load()
+  program = _export(
+    ZOO["stateful_linear"].make(0), {"train": nnxc.method("__call__", *args, mode="train")}, target
+  ).load()
   state = program.arrays()
   w, b = state["w"].astype(np.float64), state["b"].astype(np.float64)
   wrong = []
@@ -1961,7 +2196,9 @@ def test_threads_get_their_own_outputs(target):
   with attacks_of_this_test():
     errors = _hammer([lambda k=k: worker(k) for k in range(8)])
     count = int(program.arrays()["count"])
-    problem = f"{len(wrong)} outputs of another call: {wrong[:2]}" if wrong else (None if count == 800 else f"count {count}")
+    problem = (
+      f"{len(wrong)} outputs of another call: {wrong[:2]}" if wrong else (None if count == 800 else f"count {count}")
+    )
     _thread_outcome(f"{target}: 8 threads x 100 calls with their own inputs", errors, problem)
 
 
@@ -1984,16 +2221,21 @@ def test_bug_updates_with_a_list(mlp):
     Manifest.from_json(json.dumps(document))
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError), reason=BUGS["B2"])
-@pytest.mark.parametrize(
-  "edit",
-  [{"metadata": {"value": 1}}, {"metadata": {"on_get_value": "os.system"}}, {"metadata": {"sharding": "x"}}],
-  ids=["value", "on_get_value", "sharding"],
-)
-def test_bug_metadata_reaches_the_variable_constructor(counter_artifact, tmp_path, edit):
+@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError, AttributeError, AssertionError), reason=BUGS["B2"])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # flax on the edited metadata
+@pytest.mark.parametrize("metadata", [{"value": 1}, {"sharding": "x"}, {"hijax": True}, {"on_get_value": "x"}])
+def test_bug_metadata_reaches_the_variable_constructor(counter_artifact, tmp_path, metadata):
   directory = counter_artifact.save(tmp_path / "counter")
-  edit_manifest(directory, lambda m: m["state"][0]["metadata"].update(edit["metadata"]))
-  assert _refused(lambda: nnxc.load_program(directory).state())
+  edit_manifest(directory, lambda m: m["state"][0]["metadata"].update(metadata))
+  model = ZOO["counter"].make(0)
+  program = nnxc.load_program(directory)
+  try:
+    state = program.state()
+    program.update(model)  # merges the device state, metadata included, into the user's model
+  except nnxc.NnxMetalError:
+    return
+  assert type(state["count"]) is type(model.count), f"the State holds a {type(state['count']).__name__}"
+  assert int(model.count.get_value()) == 0
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUGS["B3"])
@@ -2033,7 +2275,7 @@ def test_bug_vmfb_for_another_device(counter_artifact, tmp_path):
 def test_bug_rehashed_params_header_flip(mlp, tmp_path):
   directory = fresh_copy(mlp.directory, tmp_path / "mlp")
   data = bytearray((directory / "params.irpa").read_bytes())
-  data[24] ^= 0x80  # a byte of the archive header's entry table
+  data[18] ^= 0x80  # the header size field of the archive: far past the end of the file
   (directory / "params.irpa").write_bytes(bytes(data))
   rehash(directory, "params.irpa")
   assert _refused(lambda: nnxc.Artifact.open(directory))
@@ -2048,6 +2290,7 @@ def test_bug_rehashed_vmfb_bit_flips(mlp, x, tmp_path):
   for case, result in zip(cases, results, strict=True):
     record_isolated("tamper", f"mlp: {_describe(case)}", result, different="B7", crash_bug="B7")
   crashed = [(_describe(c), r["detail"]) for c, r in zip(cases, results, strict=True) if r["outcome"] == "crashed"]
+  NOTES["rehashed vmfb bit flips that killed the interpreter (B7)"] = f"{len(crashed)} of {len(cases)}"
   assert not crashed, f"{len(crashed)} of {len(cases)} rehashed vmfb flips crashed the interpreter: {crashed[:3]}"
 
 
@@ -2062,30 +2305,17 @@ def test_bug_params_swapped_after_the_hash_check(counter_artifact, tmp_path, mon
     return check_module(vmfb, manifest)
 
   monkeypatch.setattr(_artifact, "check_module", racing_writer)
-  if not _refused(lambda: nnxc.Artifact.open(directory)):
-    monkeypatch.setattr(_artifact, "check_module", check_module)
-    shutil.copy(tmp_path / "counter" / "params.irpa", tmp_path / "counter" / "params.irpa")
-    count = int(nnxc.Artifact.open(directory).params["count"]) if _hash_ok(directory) else None
-    opened = int(_OPENED.get("count", -1))
-    assert count == 5 and opened == 5, "open() used a params.irpa whose hash it never checked (count 1234)"
-
-
-_OPENED: dict = {}
-
-
-def _hash_ok(directory: pathlib.Path) -> bool:
-  manifest = json.loads((directory / "manifest.json").read_text())
-  return manifest["files"]["params.irpa"] == sha256((directory / "params.irpa").read_bytes())
+  try:
+    artifact = nnxc.Artifact.open(directory)
+  except nnxc.NnxMetalError:
+    return
+  count = int(artifact.params["count"])
+  assert count == 5, f"open() returned the values of a params.irpa whose hash it never checked (count {count})"
 
 
 def _run_child(script: str, *, limit_memory: bool = False) -> subprocess.CompletedProcess:
-  preexec = None
-  if limit_memory:
-    import resource
-
-    def preexec():
-      resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
-
+  if limit_memory:  # set by the child itself: a preexec_fn would run Python between fork and exec
+    script = "import resource\nresource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))\n" + script
   return subprocess.run(
     [sys.executable, "-c", script],
     cwd=REPO,
@@ -2093,7 +2323,6 @@ def _run_child(script: str, *, limit_memory: bool = False) -> subprocess.Complet
     capture_output=True,
     text=True,
     timeout=120,
-    preexec_fn=preexec,
   )
 
 
@@ -2177,6 +2406,29 @@ def test_bug_output_structure_permuted(pair, tmp_path):
     assert np.array_equal(first, pair.reference["outputs"][0][0]), "pair() returns (2y, y) instead of (y, 2y)"
 
 
+@pytest.mark.xfail(strict=True, raises=NotADirectoryError, reason=BUGS["B16"])
+def test_bug_folder_that_is_a_file(mlp, tmp_path):
+  directory = fresh_copy(mlp.directory, tmp_path / "mlp")
+  (directory / "spirv").write_bytes(b"")
+  edit_manifest(directory, lambda m: m["files"].update({"spirv/x.spv": sha256(b"")}))
+  assert _refused(lambda: nnxc.Artifact.open(directory))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BUGS["B17"])
+@pytest.mark.parametrize("where", ["the target", "a stale temporary"])
+def test_bug_save_hangs_on_a_fifo(mlp, tmp_path, where):
+  artifact = nnxc.Artifact.open(mlp.directory)
+  if where == "the target":
+    os.mkfifo(tmp_path / "art")
+  else:
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    os.mkfifo(tmp_path / f".art.tmp-{dead_pid}-fifo01")
+  with fifo_watchdog(tmp_path, seconds=3) as watch:
+    with contextlib.suppress(nnxc.NnxMetalError):
+      artifact.save(tmp_path / "art", overwrite=True)
+  assert not watch["hung"], "save() blocked opening a FIFO"
+
+
 @pytest.mark.xfail(strict=True, raises=nnxc.ArtifactError, reason=BUGS["B15"])
 def test_bug_open_during_a_save(counter_artifact, tmp_path, monkeypatch):
   directory = _counter_with(counter_artifact, 1, tmp_path / "art")
@@ -2187,8 +2439,8 @@ def test_bug_open_during_a_save(counter_artifact, tmp_path, monkeypatch):
   def read_while_saving(folder, relative, **kwargs):
     data = read(folder, relative, **kwargs)
     if not calls:
+      calls.append(relative)
       newer.save(directory)  # another process's save lands right after open() read the manifest
-    calls.append(relative)
     return data
 
   monkeypatch.setattr(_artifact, "_read_regular_file", read_while_saving)
@@ -2196,6 +2448,17 @@ def test_bug_open_during_a_save(counter_artifact, tmp_path, monkeypatch):
 
 
 # The counts.
+
+
+def _examples() -> dict:
+  """Up to 4 attacks per family and outcome (and per known bug), with what happened."""
+  examples: dict = {}
+  for row in LEDGER.rows:
+    key = f"{row.outcome} {row.bug}" if row.bug else row.outcome
+    bucket = examples.setdefault(row.family, {}).setdefault(key, [])
+    if len(bucket) < 4:
+      bucket.append(f"{row.attack} -> {row.detail[:200]}" if row.detail else row.attack)
+  return examples
 
 
 def test_zz_summary_counts_per_family():
@@ -2207,6 +2470,8 @@ def test_zz_summary_counts_per_family():
     "families": counts,
     "total": {o: sum(c[o] for c in counts.values()) for o in ("attacks", *OUTCOMES)},
     "bugs": {bug: text for bug, text in BUGS.items()},
+    "notes": NOTES,
+    "examples": _examples(),
   }
   out = REPO / "build" / "reliability.json"
   out.parent.mkdir(exist_ok=True)
