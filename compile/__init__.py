@@ -15,6 +15,7 @@ import importlib
 from ._errors import ArtifactError as ArtifactError
 from ._errors import CompileError as CompileError
 from ._errors import DeviceUnavailableError as DeviceUnavailableError
+from ._errors import ExecutionError as ExecutionError
 from ._errors import HazardError as HazardError
 from ._errors import NnxMetalError as NnxMetalError
 from ._errors import SignatureError as SignatureError

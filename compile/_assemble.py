@@ -11,20 +11,9 @@ write every global, for moving state between the device and the host.
 import re
 
 from ._lower import Lowered
-from .runtime._artifact import PARAMETER_SCOPE, STATE_ORDER
-from .runtime._manifest import GET_STATE, SET_STATE
-
-
-def global_names(leaf_names: list[str]) -> list[str]:
-  """A unique, MLIR-safe global (and parameter key) name per state leaf, readable as the NNX path."""
-  names, seen = [], set()
-  for leaf_name in leaf_names:
-    name = re.sub(r"[^A-Za-z0-9_.$-]", "_", leaf_name)
-    while name in seen:
-      name += "_"
-    seen.add(name)
-    names.append(name)
-  return names
+from .runtime._artifact import PARAMETER_SCOPE
+from .runtime._manifest import GET_STATE, SET_STATE, global_names
+from .runtime._module_check import INTERFACE, STATE_ORDER
 
 
 def _signless(tensor_type: str) -> str:
@@ -126,7 +115,12 @@ def _call(name: str, lowered: Lowered, globals_: list[str]) -> str:
   return f.text(name, args, list(lowered.arg_types), results[:num_outputs], list(lowered.output_types))
 
 
-def _state_accessors(globals_: list[str], state_types: tuple[str, ...]) -> list[str]:
+def _string_attribute(text: str) -> str:
+  """``text`` as an MLIR string literal (ASCII in, backslash and quote escaped as hex)."""
+  return '"' + text.replace("\\", "\\5C").replace('"', "\\22") + '"'
+
+
+def _state_accessors(globals_: list[str], state_types: tuple[str, ...], interface: str) -> list[str]:
   """``nnx_get_state(%flag)`` returns every global; ``nnx_set_state(%flag, *values)`` replaces them all."""
   getter = _Function(globals_, state_types)
   true = getter.flag_is_set()
@@ -136,18 +130,21 @@ def _state_accessors(globals_: list[str], state_types: tuple[str, ...]) -> list[
   args = [f"%arg{i}" for i in range(len(globals_))]
   for i, arg in enumerate(args):
     setter.store(arg, i, fresh_if=true)
-  # The order of the globals, readable from the module itself: artifacts check their manifest against it.
-  order = f' attributes {{iree.reflection = {{"{STATE_ORDER}" = "{",".join(globals_)}"}}}}'
+  # The order of the globals and the interface, readable from the module itself: artifacts check
+  # their manifest against them (see compile/runtime/_artifact.py).
+  reflection = f'"{STATE_ORDER}" = "{",".join(globals_)}", "{INTERFACE}" = {_string_attribute(interface)}'
+  order = f" attributes {{iree.reflection = {{{reflection}}}}}"
   return [
     getter.text(GET_STATE, ["%flag"], ["tensor<i32>"], values, list(state_types), order),
     setter.text(SET_STATE, ["%flag", *args], ["tensor<i32>", *state_types], [], []),
   ]
 
 
-def assemble(module_name: str, functions: dict[str, Lowered]) -> str:
+def assemble(module_name: str, functions: dict[str, Lowered], interface: str) -> str:
   """The program's MLIR: globals for the state, one public function per entry of ``functions``.
 
   All ``functions`` must be lowered from the same objects (one State layout).
+  ``interface`` (``runtime._manifest.interface``) is recorded in the module.
   """
   first = next(iter(functions.values()))
   globals_ = global_names([leaf.name for leaf in first.state.leaves])
@@ -156,7 +153,7 @@ def assemble(module_name: str, functions: dict[str, Lowered]) -> str:
     parameter = f'#flow.parameter.named<"{PARAMETER_SCOPE}"::"{name}">'
     lines.append(f'  util.global private mutable @"{name}" = {parameter} : {_signless(state_type)}')
   lines += [_call(name, lowered, globals_) for name, lowered in functions.items()]
-  lines += _state_accessors(globals_, first.state_types)
+  lines += _state_accessors(globals_, first.state_types, interface)
   lines += [lowered.functions for lowered in functions.values()]
   lines.append("}")
   return "\n".join(lines) + "\n"

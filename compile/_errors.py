@@ -50,6 +50,10 @@ class ArtifactError(NnxMetalError):
   """An artifact on disk that is corrupt, truncated or made for something else."""
 
 
+class ExecutionError(NnxMetalError, RuntimeError):
+  """The device failed to run a compiled function (the IREE runtime's error is in the message)."""
+
+
 class HazardError(NnxMetalError):
   """A compiled SPIR-V kernel may read memory another invocation wrote, with no barrier in between (a data race).
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ._assemble import assemble, global_names
+from ._assemble import assemble
 from ._cache import CompileCache, compile_cached, toolchain_versions
 from ._errors import CompileError, HazardError
 from ._hazards import find_races
@@ -28,8 +28,19 @@ from ._stablehlo import check_target_support
 from ._targets import Target, get_target
 from .runtime import _dtypes
 from .runtime._artifact import MODULE, Artifact, sha256
-from .runtime._manifest import MLIR, Function, Manifest, TargetInfo, Tensor, Variable, function_name_problem, path_name
-from .runtime._variables import class_path, register_variable_type
+from .runtime._manifest import (
+  MLIR,
+  Function,
+  Manifest,
+  TargetInfo,
+  Tensor,
+  Variable,
+  function_name_problem,
+  global_names,
+  interface,
+  path_name,
+)
+from .runtime._variables import class_path, register_variable_type, user_metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +116,7 @@ def _variables(state: nnx.State, layout: StateLayout, names: list[str], target: 
     plain = not isinstance(variable, nnx.Variable)  # an array attribute marked nnx.data
     if not plain:
       register_variable_type(type(variable))  # what the user exports, this process may rebuild
-    metadata = {} if plain else variable.get_metadata()
-    scalars = {k: v for k, v in metadata.items() if isinstance(v, str | int | float | bool)}
+    metadata = {} if plain else user_metadata(variable.get_metadata())
     variables.append(
       Variable(
         **vars(_tensor(leaf, target)),
@@ -114,7 +124,7 @@ def _variables(state: nnx.State, layout: StateLayout, names: list[str], target: 
         variable_type=leaf.variable_type,
         variable_class="" if plain else class_path(type(variable)),
         global_name=name,
-        metadata={k: v for k, v in scalars.items() if re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", k)},
+        metadata={k: v for k, v in metadata.items() if re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", k)},
         key_impl=leaf.key_impl,
       )
     )
@@ -241,6 +251,7 @@ def export(
   model_name = model_name_of(objects)
   keys = tuple(objects) if isinstance(objects, dict) else None
   module_name = re.sub(r"\W", "_", model_name).lower()
+  variables = _variables(state, layout, global_names([leaf.name for leaf in layout.leaves]), target)
   # A kernel that races, or that IREE fails to compile (e.g. a data-tiled product whose
   # fused epilogue needs too much stack), is compiled again with the matrix products
   # and reductions it was formed from in kernels of their own.
@@ -263,7 +274,8 @@ def export(
     }
     for each in lowered.values():
       check_target_support(each.sites, target)
-    mlir = assemble(module_name, lowered)
+    specs = _function_specs(functions, lowered, layout, target)
+    mlir = assemble(module_name, lowered, interface(variables, specs))
     sites = {name: each.sites for name, each in lowered.items()}
     try:
       binary, cached = compile_cached(mlir, module_name, target, tuple(extra_flags), _cache_of(cache), sites)
@@ -278,9 +290,7 @@ def export(
   if racy:
     raise _hazard_error(binary, target, racy, lowered)
 
-  names = global_names([leaf.name for leaf in layout.leaves])
-  variables = _variables(state, layout, names, target)
-  manifest = _manifest(objects, layout, target, binary, variables, functions, lowered, check_hazards)
+  manifest = _manifest(objects, layout, target, binary, variables, specs, lowered, check_hazards)
   files = {MODULE: binary.vmfb, MLIR: mlir.encode()}
   files |= {f"msl/{name}.metal": source.encode() for name, source in binary.msl.items()}
   files |= {f"spirv/{name}.spv": data for name, data in binary.spirv.items()}
@@ -288,9 +298,31 @@ def export(
   return Artifact(manifest, files, params, from_cache=cached)
 
 
-def _manifest(objects, layout, target, binary, variables, functions, lowered, hazards_checked) -> Manifest:
+def _function_specs(
+  functions: dict[str, Export], lowered: dict[str, Lowered], layout: StateLayout, target: Target
+) -> dict[str, Function]:
+  """Each function's interface (what it takes, returns and updates); what compiling says is filled in later."""
+  return {
+    name: Function(
+      name=name,
+      label=functions[name].label,
+      method=functions[name].method,
+      mode=functions[name].mode,
+      inputs=tuple(_tensor(leaf, target) for leaf in each.args),
+      outputs=tuple(_tensor(leaf, target) for leaf in each.outputs),
+      structure=output_structure(each.output_treedef),
+      updates=tuple(layout.leaves[i].name for i in each.updates),
+      executables=(),
+      dispatch_count=0,
+      flops=each.flops,
+    )
+    for name, each in lowered.items()
+  }
+
+
+def _manifest(objects, layout, target, binary, variables, specs, lowered, hazards_checked) -> Manifest:
   root = next(iter(objects.values())) if isinstance(objects, dict) else objects
-  executables = _executables_by_function(binary.dispatches, list(functions))
+  executables = _executables_by_function(binary.dispatches, list(specs))
   rewrites: dict[str, int] = {}
   for each in lowered.values():
     for rewrite, count in each.rewrites.items():
@@ -308,19 +340,8 @@ def _manifest(objects, layout, target, binary, variables, functions, lowered, ha
     hazard_check="not applicable" if not target.spirv else ("passed" if hazards_checked else "off"),
     state=variables,
     functions={
-      name: Function(
-        name=name,
-        label=functions[name].label,
-        method=functions[name].method,
-        mode=functions[name].mode,
-        inputs=tuple(_tensor(leaf, target) for leaf in each.args),
-        outputs=tuple(_tensor(leaf, target) for leaf in each.outputs),
-        structure=output_structure(each.output_treedef),
-        updates=tuple(layout.leaves[i].name for i in each.updates),
-        executables=executables[name],  # named after this function; shared ones after the first user
-        dispatch_count=binary.calls[name],  # kernels this function launches per call
-        flops=each.flops,
-      )
-      for name, each in lowered.items()
+      # executables: named after this function (shared ones after the first user); calls: launched per call
+      name: dataclasses.replace(spec, executables=executables[name], dispatch_count=binary.calls[name])
+      for name, spec in specs.items()
     },
   )

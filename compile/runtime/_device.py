@@ -10,7 +10,7 @@ import re
 import numpy as np
 from iree import runtime as rt
 
-from .._errors import ArtifactError, DeviceUnavailableError
+from .._errors import ArtifactError, DeviceUnavailableError, ExecutionError
 from . import _dtypes
 
 # Host-visible memory the device can write into: where results are staged for reading.
@@ -79,12 +79,15 @@ class DeviceModule:
     """Loads ``vmfb`` on ``device``; ``parameters`` maps a parameter scope to its archive's index."""
     self.device = device
     self._mappable: bool | None = None
-    self._context = rt.SystemContext(config=rt.Config(device=device))
-    providers = [index.create_provider(scope=scope) for scope, index in (parameters or {}).items()]
-    if providers:
-      self._context.add_vm_module(rt.create_io_parameters_module(self._context.instance, *providers))
-    self.vm_module = rt.VmModule.copy_buffer(self._context.instance, vmfb)
-    self._context.add_vm_module(self.vm_module)
+    try:
+      self._context = rt.SystemContext(config=rt.Config(device=device))
+      providers = [index.create_provider(scope=scope) for scope, index in (parameters or {}).items()]
+      if providers:
+        self._context.add_vm_module(rt.create_io_parameters_module(self._context.instance, *providers))
+      self.vm_module = rt.VmModule.copy_buffer(self._context.instance, vmfb)
+      self._context.add_vm_module(self.vm_module)
+    except Exception as e:  # noqa: BLE001 - IREE's loader on a module it refuses: whatever it raises
+      raise ArtifactError(f"The module cannot be loaded on this device ({type(e).__name__}: {e}).") from None
 
   def function(self, name: str) -> rt.VmFunction:
     function = self.vm_module.lookup_function(name)
@@ -109,8 +112,11 @@ class DeviceModule:
     for value in inputs:
       args.push_ref(value if isinstance(value, rt.HalBufferView) else self.to_device(value))
     results = rt.VmVariantList(8)
-    self._context.vm_context.invoke(function, args, results)
-    return [results.get_as_object(i, rt.HalBufferView) for i in range(results.size)]
+    try:
+      self._context.vm_context.invoke(function, args, results)
+      return [results.get_as_object(i, rt.HalBufferView) for i in range(results.size)]
+    except Exception as e:  # noqa: BLE001 - the device's error, whatever type iree.runtime gives it
+      raise ExecutionError(f"{function.name} failed on the device ({type(e).__name__}: {e}).") from None
 
   def to_host(self, view: rt.HalBufferView, shape: tuple[int, ...], dtype_name: str) -> np.ndarray:
     """Copies a device result into a new numpy array, after checking it is ``dtype_name[shape]``.

@@ -22,7 +22,8 @@ class DType:
     hal: the HAL element type host arrays of it are passed as.
     accepted: the HAL element types (as ints, which buffer views report) a device
       result of it may have (IREE's integer results are often signless: INT_32).
-    mlir: its MLIR element type in IREE function declarations.
+    mlir: its MLIR element type (unsigned integers are ``ui32``; IREE declares them signless with this
+      type as their encoding).
   """
 
   numpy: np.dtype
@@ -41,10 +42,10 @@ DTYPES: dict[str, DType] = {
   "int16": _entry(np.int16, _HAL.SINT_16, "i16", _HAL.INT_16),
   "int32": _entry(np.int32, _HAL.SINT_32, "i32", _HAL.INT_32),
   "int64": _entry(np.int64, _HAL.SINT_64, "i64", _HAL.INT_64),
-  "uint8": _entry(np.uint8, _HAL.UINT_8, "i8", _HAL.INT_8),
-  "uint16": _entry(np.uint16, _HAL.UINT_16, "i16", _HAL.INT_16),
-  "uint32": _entry(np.uint32, _HAL.UINT_32, "i32", _HAL.INT_32),
-  "uint64": _entry(np.uint64, _HAL.UINT_64, "i64", _HAL.INT_64),
+  "uint8": _entry(np.uint8, _HAL.UINT_8, "ui8", _HAL.INT_8),
+  "uint16": _entry(np.uint16, _HAL.UINT_16, "ui16", _HAL.INT_16),
+  "uint32": _entry(np.uint32, _HAL.UINT_32, "ui32", _HAL.INT_32),
+  "uint64": _entry(np.uint64, _HAL.UINT_64, "ui64", _HAL.INT_64),
   "float16": _entry(np.float16, _HAL.FLOAT_16, "f16"),
   "bfloat16": _entry(ml_dtypes.bfloat16, _HAL.BFLOAT_16, "bf16"),
   "float32": _entry(np.float32, _HAL.FLOAT_32, "f32"),

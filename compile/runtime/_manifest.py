@@ -31,7 +31,8 @@ GET_STATE = "nnx_get_state"
 SET_STATE = "nnx_set_state"
 
 HAZARD_CHECKS = ("passed", "off", "not applicable")
-KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+KEY_WORDS = {"threefry2x32": 2, "rbg": 4, "unsafe_rbg": 4}  # uint32 words per PRNG key
+KEY_IMPLS = tuple(KEY_WORDS)
 # Program attributes: an exported function may not be called like one of them.
 RESERVED_NAMES = frozenset(
   {"artifact", "driver", "functions", "state", "arrays", "set_arrays", "load_state", "update", "save", "functional"}
@@ -48,6 +49,18 @@ _MAX_DEPTH = 32
 def path_name(path: tuple) -> str:
   """A state variable's name: its NNX path joined with dots (``linear1.w``, ``layers.0.b``)."""
   return ".".join(str(part) for part in path)
+
+
+def global_names(names: list[str]) -> list[str]:
+  """A unique, MLIR-safe global (and parameter key) name per state variable, readable as its NNX path."""
+  result, seen = [], set()
+  for name in names:
+    safe = re.sub(r"[^A-Za-z0-9_.$-]", "_", name)
+    while safe in seen:
+      safe += "_"
+    seen.add(safe)
+    result.append(safe)
+  return result
 
 
 def _fail(where: str, problem: str) -> ArtifactError:
@@ -91,9 +104,11 @@ def _matching(pattern: re.Pattern) -> Callable[[Any, str], str]:
 
 
 def _one_of(choices) -> Callable[[Any, str], Any]:
+  """Exactly one of ``choices``, of the same type: 1 is not True, 2.0 is not 2, a list is no name."""
+
   def check(value, where):
-    if value not in choices:
-      raise _fail(where, f"is {value!r}; expected one of {', '.join(map(repr, choices))}")
+    if not any(type(value) is type(choice) and value == choice for choice in choices):
+      raise _fail(where, f"is {str(value)[:80]!r}; expected one of {', '.join(map(repr, choices))}")
     return value
 
   return check
@@ -239,6 +254,11 @@ def _variable(demote_f64: bool) -> Callable[[Any, str], Variable]:
     fields.done()
     if variable.name != path_name(variable.path):
       raise _fail(f"{where}.name", f"is {variable.name!r} but its path joins to {path_name(variable.path)!r}")
+    if variable.key_impl is not None and (variable.dtype, variable.shape[-1:]) != (
+      "uint32",
+      (KEY_WORDS[variable.key_impl],),
+    ):
+      raise _fail(f"{where}.key_impl", f"{variable.key_impl!r} holds uint32[..., {KEY_WORDS[variable.key_impl]}] keys")
     return variable
 
   return check
@@ -323,6 +343,27 @@ class Function:
       "dispatch_count": self.dispatch_count,
       "flops": self.flops,
     }
+
+
+# What decides what callers get: recorded inside the module too, and compared at open.
+_INTERFACE_FIELDS = ("label", "method", "mode", "inputs", "outputs", "structure", "updates")
+
+
+def interface(state: tuple["Variable", ...], functions: dict[str, Function]) -> str:
+  """The program's interface as canonical JSON: every state variable and function signature and structure.
+
+  Export records it in the module (``nnx_get_state``'s reflection), so an edit of
+  the manifest that changes what callers get (outputs permuted, a variable's type or
+  key implementation) contradicts the module and is refused when the artifact opens.
+  """
+  document = {
+    "state": [variable.to_json() for variable in state],
+    "functions": {
+      name: {field: value for field, value in function.to_json().items() if field in _INTERFACE_FIELDS}
+      for name, function in functions.items()
+    },
+  }
+  return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
 
 def function_name_problem(name: str) -> str | None:
@@ -439,6 +480,10 @@ class Manifest:
   def variable(self, name: str) -> Variable | None:
     return next((v for v in self.state if v.name == name), None)
 
+  def interface(self) -> str:
+    """See :func:`interface`."""
+    return interface(self.state, self.functions)
+
   def to_json(self) -> str:
     document = {
       "format": FORMAT,
@@ -478,7 +523,7 @@ class Manifest:
       raise ArtifactError(f'{MANIFEST} is not an nnx-metal manifest (no "format": "{FORMAT}").')
     fields.get("format", _text)
     version = fields.get("format_version", lambda v, w: v)
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
       raise ArtifactError(
         f"{MANIFEST} has artifact format version {version!r}; this nnx-metal reads version {FORMAT_VERSION}. "
         "Export the artifact again with this version."
@@ -486,7 +531,12 @@ class Manifest:
     target = fields.get("target", _target)
     state = fields.get("state", _list(_variable(target.demote_f64)))
     _check_unique(state, "name", "state")
-    _check_unique(state, "global_name", "state (global)")
+    expected_globals = global_names([v.name for v in state])
+    for index, (variable, expected) in enumerate(zip(state, expected_globals, strict=True)):
+      if variable.global_name != expected:
+        raise _fail(
+          f"state[{index}].global", f"is {variable.global_name!r}, but {variable.name!r} is held in {expected!r}"
+        )
     state_names = frozenset(v.name for v in state)
     functions = fields.get("functions", _mapping(_function_key, lambda v, w: v))
     manifest = cls(

@@ -30,7 +30,13 @@ def flatten_inputs(tree: Any) -> list[Any]:
   if isinstance(tree, tuple | list):
     return [leaf for item in tree for leaf in flatten_inputs(item)]
   if isinstance(tree, dict):
-    return [leaf for key in sorted(tree) for leaf in flatten_inputs(tree[key])]
+    try:
+      keys = sorted(tree)
+    except TypeError:
+      raise SignatureError(
+        f"A dict of inputs needs keys of one sortable type (JAX sorts them), got {list(tree)[:4]}."
+      ) from None
+    return [leaf for key in keys for leaf in flatten_inputs(tree[key])]
   if tree is None:
     return []
   return [tree]
@@ -273,8 +279,7 @@ def nnx_state(variables: Iterable[Variable], arrays: dict[str, np.ndarray]) -> A
     value = jnp.asarray(np.asarray(arrays[variable.name]).astype(_dtypes.dtype(variable.dtype).numpy, copy=False))
     if variable.key_impl:
       value = jax.random.wrap_key_data(value, impl=variable.key_impl)
-    cls = _variables.resolve(variable)
-    flat.append((variable.path, value if cls is None else cls(value, **variable.metadata)))
+    flat.append((variable.path, _variables.rebuild(variable, value)))
   return nnx.from_flat_state(flat)
 
 
@@ -287,6 +292,6 @@ def _placeholder(variable: Variable) -> Any:
   return shape if cls is None else cls(shape)
 
 
-def load_program(directory: str | os.PathLike, *, device: str | None = None) -> Program:
+def load_program(directory: str | os.PathLike, *, device: str | None = None, digest: str | None = None) -> Program:
   """Opens, verifies and loads an artifact directory (see :meth:`Artifact.open`)."""
-  return Artifact.open(directory).load(device=device)
+  return Artifact.open(directory, digest=digest).load(device=device)

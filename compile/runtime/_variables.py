@@ -8,6 +8,8 @@ flax.nnx's own Variable types and those registered with :func:`register_variable
 loading an artifact that holds them. Imports flax only when called.
 """
 
+from typing import Any
+
 from .._errors import ArtifactError
 from ._manifest import Variable
 
@@ -40,6 +42,35 @@ def _flax_types() -> dict[str, type]:
   from flax import nnx
 
   return {class_path(v): v for v in vars(nnx).values() if isinstance(v, type) and issubclass(v, nnx.Variable)}
+
+
+# Metadata flax itself interprets (sharding, hooks, how the value is held): never taken from a file.
+_FLAX_METADATA = frozenset({"value", "raw_value", "hijax", "ref", "eager_sharding", "mutable", "type", "metadata"})
+_FLAX_METADATA |= frozenset({"sharding", "sharding_names", "out_sharding", "mesh", "sharding_rules"})
+
+
+def user_metadata(metadata: dict) -> dict:
+  """The metadata a Variable carries for its user (JSON scalars, plain names), not flax's own settings."""
+  return {
+    key: value
+    for key, value in metadata.items()
+    if key not in _FLAX_METADATA and not key.startswith(("on_", "_")) and isinstance(value, str | int | float | bool)
+  }
+
+
+def rebuild(variable: Variable, value: Any) -> Any:
+  """The Variable (or plain array) ``variable`` describes, holding ``value``, with its user metadata.
+
+  Raises:
+    ArtifactError: its class is not known here, or refuses that metadata.
+  """
+  cls = resolve(variable)
+  if cls is None:
+    return value
+  try:
+    return cls(value, **user_metadata(variable.metadata))
+  except Exception as e:  # noqa: BLE001 - a class of the user's: whatever its constructor raises
+    raise ArtifactError(f"State variable {variable.name}: {cls.__name__} refuses its metadata ({e}).") from None
 
 
 def resolve(variable: Variable) -> type | None:
