@@ -18,11 +18,14 @@ The check, per entry point:
    the comparisons that bound it; thread and workgroup ids by their BuiltIn.
 3. A load whose address differs from that of a pending store to the same variable
    may read a slot another invocation wrote: that is reported. Reading back the very
-   slot one stored to (the same address expression) is not.
+   slot one stored to (the same address expression) is not, nor is a load whose last
+   index provably stays in slots only this invocation can reach (``_slots``: a scan
+   kernel reading ``a[64 * tid + i - 1]`` after storing ``a[64 * tid + i]``).
 
-This compares addresses as expressions; it does not solve index equations. Two
-different expressions that never meet (``a[2*i]`` then ``a[2*i+1]``) are reported
-all the same, and two bindings of one buffer are not known to alias. Atomics and
+The check reasons about the invocations of one workgroup, which a barrier orders;
+that workgroups own disjoint slots of a storage buffer is the invariant of IREE's
+distribution and is taken as given. Expressions it cannot bound are reported, and
+two bindings of one buffer are not known to alias. Atomics and
 function calls are not followed (IREE's kernels have neither).
 
 Imports only the standard library, like ``_spirv``.
@@ -33,6 +36,7 @@ import dataclasses
 import sys
 from typing import Any
 
+from ._slots import IndexRanges, Slots, never_meet_across_invocations
 from ._spirv import Function, Instruction, Module, Op, Scope, SpirvError, StorageClass, read
 
 CHECKED_MEMORY = (StorageClass.Workgroup, StorageClass.StorageBuffer, StorageClass.CrossWorkgroup)
@@ -159,6 +163,13 @@ class _Canonical:
   def storage_class(self, variable: int) -> int:
     return self.module.definitions[variable].operands[0]
 
+  def last_index(self, pointer: int) -> int | None:
+    """The id of the last index of the access chain that makes ``pointer``, if it is one."""
+    instruction = self.module.definitions.get(pointer)
+    if instruction is None or instruction.opcode not in _CHAINS or len(instruction.operands) < 2:
+      return None
+    return instruction.operands[-1]
+
 
 def _is_workgroup_barrier(module: Module, barrier: Instruction) -> bool:
   scope = module.definitions.get(barrier.operands[0])
@@ -167,20 +178,45 @@ def _is_workgroup_barrier(module: Module, barrier: Instruction) -> bool:
   return scope.operands[0] <= Scope.Workgroup
 
 
+@dataclasses.dataclass(frozen=True)
+class _Access:
+  """A checked load or store: its variable, index path, and the slots its last index reaches (see _slots.py)."""
+
+  variable: int
+  path: tuple[Any, ...]
+  slots: Slots | None
+
+  def may_read_another_invocations(self, store: "_Access", local_size: tuple[int, int, int] | None) -> bool:
+    """Whether this load may read a slot another invocation of the workgroup wrote with ``store``.
+
+    ``local_size`` is the entry point's workgroup size (None if unknown). As for identical
+    indices, the check reasons about the invocations of one workgroup (a barrier orders
+    only those); that workgroups own disjoint slots of a storage buffer is the invariant
+    of IREE's distribution, which it takes as given.
+    """
+    if store.variable != self.variable or store.path == self.path:
+      return False  # another variable, or the very slot this invocation wrote
+    if local_size is None or store.path[:-1] != self.path[:-1] or None in (self.slots, store.slots):
+      return True
+    return not never_meet_across_invocations(self.slots, store.slots, local_size)
+
+
 class _Dataflow:
   """Pending stores (since the last barrier) at the start of every block of one function."""
 
   def __init__(self, module: Module, function: Function, canonical: _Canonical):
     self.module, self.function, self.canonical = module, function, canonical
-    self.accesses: dict[int, Address] = {}  # store/load instruction index -> checked address
+    self.ranges = IndexRanges(module, function)
     self._incoming: dict[int, frozenset] = {block.label: frozenset() for block in function.blocks}
 
-  def access(self, instruction: Instruction) -> Address | None:
+  def access(self, instruction: Instruction, block: int) -> _Access | None:
     pointer = instruction.operands[0]
     address = self.canonical.address(pointer)
     if address is None or self.canonical.storage_class(address[0]) not in CHECKED_MEMORY:
       return None
-    return address
+    last_index = self.canonical.last_index(pointer)
+    slots = self.ranges.slots(last_index, block) if last_index is not None else None
+    return _Access(address[0], address[1], slots)
 
   def transfer(self, block, pending: frozenset, on_load=None) -> frozenset:
     pending = set(pending)
@@ -188,13 +224,13 @@ class _Dataflow:
       if instruction.opcode == Op.ControlBarrier and _is_workgroup_barrier(self.module, instruction):
         pending.clear()
       elif instruction.opcode == Op.Store:
-        address = self.access(instruction)
-        if address is not None:
-          pending.add(address)
+        access = self.access(instruction, block.label)
+        if access is not None:
+          pending.add(access)
       elif instruction.opcode == Op.Load and on_load is not None:
-        address = self.access(instruction)
-        if address is not None:
-          on_load(address, pending)
+        access = self.access(instruction, block.label)
+        if access is not None:
+          on_load(access, pending)
     return frozenset(pending)
 
   def solve(self) -> dict[int, frozenset]:
@@ -272,14 +308,14 @@ def _find_races(binary: bytes) -> list[Race]:
       entry = module.entry_points.get(function.id, module.name(function.id))
       flow = _Dataflow(module, function, canonical)
       incoming = flow.solve()
+      local_size = module.local_sizes.get(function.id)
 
-      def on_load(address: Address, pending: set, entry=entry) -> None:
-        variable, path = address
-        for stored_variable, stored_path in pending:
-          if stored_variable == variable and stored_path != path and (entry, variable) not in races:
-            memory = StorageClass(canonical.storage_class(variable)).name
-            races[entry, variable] = Race(
-              entry, memory, module.name(variable), _describe_path(stored_path), _describe_path(path)
+      def on_load(load: _Access, pending: set, entry=entry, local_size=local_size) -> None:
+        memory = StorageClass(canonical.storage_class(load.variable))
+        for store in pending:
+          if load.may_read_another_invocations(store, local_size) and (entry, load.variable) not in races:
+            races[entry, load.variable] = Race(
+              entry, memory.name, module.name(load.variable), _describe_path(store.path), _describe_path(load.path)
             )
 
       for block in function.blocks:

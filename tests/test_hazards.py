@@ -37,6 +37,7 @@ OpDecorate %buf Binding 0
 %c16 = OpConstant %uint 16
 %semantics = OpConstant %uint 264
 %f1 = OpConstant %float 1
+%false = OpConstantFalse %bool
 %arr = OpTypeArray %float %c16
 %ptr_wg_arr = OpTypePointer Workgroup %arr
 %ptr_wg = OpTypePointer Workgroup %float
@@ -120,6 +121,39 @@ OpBranch %join
   "storage buffer: neighbour's slot": (f"{_store('s', 'tid', 'buf')}\n{_load('v', 'next', 'buf')}", 1),
   "private memory is private": ("OpStore %private %f1\n%v = OpLoad %float %private", 0),
 }
+
+# A scan over each invocation's own row of the storage buffer, as IREE writes cumsum:
+# iteration i reads what this invocation stored at i - 1 (guarded by {guard}) and stores at i.
+SCAN = """%base = OpIMul %uint %tid %{stride}
+OpBranch %header
+%header = OpLabel
+%i = OpPhi %uint %c0 %entry %inext %continue
+%more = OpULessThan %bool %i %c16
+OpLoopMerge %merge %continue None
+OpBranchConditional %more %body %merge
+%body = OpLabel
+%at = OpIAdd %uint %base %i
+%before = OpISub %uint %at %c1
+%first = OpIEqual %bool %i %c0
+OpSelectionMerge %stored None
+OpBranchConditional %{guard} %stored %read
+%read = OpLabel
+%previous = OpAccessChain %ptr_sb %buf %c0 %before
+%v = OpLoad %float %previous
+OpBranch %stored
+%stored = OpLabel
+%slot = OpAccessChain %ptr_sb %buf %c0 %at
+OpStore %slot %f1
+OpBranch %continue
+%continue = OpLabel
+%inext = OpIAdd %uint %i %c1
+OpBranch %header
+%merge = OpLabel"""
+# Rows of 16 slots: guarded, the read stays in this invocation's row; unguarded, i = 0
+# reads the last slot of the row before; with rows 1 apart, the rows overlap.
+CASES["scan: own earlier slot"] = (SCAN.format(stride="c16", guard="first"), 0)
+CASES["scan: unguarded, the row before's last slot"] = (SCAN.format(stride="c16", guard="false"), 1)
+CASES["scan: rows that overlap"] = (SCAN.format(stride="c1", guard="first"), 1)
 
 
 def _assemble(body: str, tmp_path) -> bytes:
