@@ -1,4 +1,4 @@
-"""StableHLO rewrites that keep IREE's SPIR-V code generation (the ``metal`` and ``vulkan`` targets) correct.
+"""StableHLO rewrites that keep IREE's code generation correct, above all SPIR-V's (``metal``, ``vulkan``).
 
 Each rewrite works around a miscompilation of IREE 3.13 reproduced in
 ``tests/test_spirv_bugs.py`` (strict xfails on the raw path, so we learn when IREE
@@ -192,8 +192,16 @@ def widen_bfloat16(module: ir.Module) -> int:
   return widen(module)
 
 
+def decompose_select_and_scatter(module: ir.Module) -> int:
+  """Max and min pooling's gradient as slices, selects and pads (see ``_select_and_scatter.py``)."""
+  from ._select_and_scatter import decompose_select_and_scatter as decompose
+
+  return decompose(module)
+
+
 REWRITES: dict[str, Callable[[ir.Module], int]] = {
   "widen_bfloat16": widen_bfloat16,
+  "decompose_select_and_scatter": decompose_select_and_scatter,
   "isolate_reductions": isolate_reductions,
   "split_grouped_convolutions": split_grouped_convolutions,
 }

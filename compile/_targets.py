@@ -19,8 +19,9 @@ from ._errors import UnknownTargetError
 # fails with "'hal.element_type' op unsupported element type" on every target).
 _NO_HAL = "IREE has no HAL element type for it (on any target); convert to a type IREE supports, e.g. bfloat16"
 _NO_HAL_ELEMENT_TYPE = (("f4E2M1FN", _NO_HAL), ("f6E2M3FN", _NO_HAL), ("f6E3M2FN", _NO_HAL))
-# The SPIR-V rewrites of compile/_rewrites.py, in the order they run.
-SPIRV_REWRITES = ("widen_bfloat16", "split_grouped_convolutions", "isolate_reductions")
+# The rewrites of compile/_rewrites.py, in the order they run: every target's, then SPIR-V's.
+COMMON_REWRITES = ("decompose_select_and_scatter",)
+SPIRV_REWRITES = ("widen_bfloat16", *COMMON_REWRITES, "split_grouped_convolutions", "isolate_reductions")
 # lavapipe (Mesa 22.3) runs subgroup operations over at most 16 lanes: with
 # LP_NATIVE_VECTOR_WIDTH=1024 it reports 32 but a subgroup reduction adds only 16.
 STANDIN_SUBGROUP_SIZE = 16
@@ -178,13 +179,12 @@ def _cpu() -> Target:
     *_CPU_DATA_TILING,
     *_KEEP_F64,
   )
-  return Target("cpu", "llvm-cpu", RUNTIME["cpu"].drivers, flags)
+  return Target("cpu", "llvm-cpu", RUNTIME["cpu"].drivers, flags, rewrites=COMMON_REWRITES)
 
 
 def _cuda(arch: str) -> Target:
-  return Target(
-    "cuda", "cuda", RUNTIME["cuda"].drivers, ("--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}", *_KEEP_F64)
-  )
+  flags = ("--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}", *_KEEP_F64)
+  return Target("cuda", "cuda", RUNTIME["cuda"].drivers, flags, rewrites=COMMON_REWRITES)
 
 
 def get_target(
