@@ -150,6 +150,27 @@ def _training(
   return CatalogEntry(name, objects, calls, inputs, noise_gradients={path: LEARNING_RATE for path in noise})
 
 
+class Pool(nnx.Module):
+  """One of Flax's pooling functions as a layer."""
+
+  def __init__(self, pool: Callable[..., jax.Array], window: tuple[int, ...], strides: tuple[int, ...], padding: str):
+    self.pool, self.window, self.strides, self.padding = pool, window, strides, padding
+
+  def __call__(self, x):
+    return self.pool(x, self.window, strides=self.strides, padding=self.padding)
+
+
+class Stem(nnx.Module):
+  """A ResNet stem: Conv -> BatchNorm -> relu -> 3x3 max pool with stride 2 (overlapping windows)."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), use_bias=False, rngs=rngs)  # BatchNorm follows: a bias has no gradient
+    self.norm = nnx.BatchNorm(8, rngs=rngs)
+
+  def __call__(self, x):
+    return nnx.max_pool(nnx.relu(self.norm(self.conv(x))), (3, 3), strides=(2, 2), padding="SAME")
+
+
 class Decoder(nnx.Module):
   """Self-attention with ``decode=True``: one token per call, the key/value cache held as state."""
 
@@ -192,6 +213,10 @@ def _mlp(dtype) -> Callable[[nnx.Rngs], nnx.Module]:
   return make
 
 
+def _bidirectional(rngs: nnx.Rngs) -> nnx.Module:
+  return nnx.Bidirectional(nnx.RNN(nnx.GRUCell(3, 5, rngs=rngs)), nnx.RNN(nnx.GRUCell(3, 5, rngs=rngs)))
+
+
 def _entries() -> list[CatalogEntry]:
   def attention(rngs):
     return nnx.MultiHeadAttention(2, 8, decode=False, rngs=rngs)
@@ -223,21 +248,35 @@ def _entries() -> list[CatalogEntry]:
     _layer("conv_depthwise", lambda r: nnx.Conv(4, 4, (3, 3), feature_group_count=4, rngs=r), BATCH, 6, 6, 4),
     _layer("conv_grouped", lambda r: nnx.Conv(4, 8, (3, 3), feature_group_count=2, rngs=r), BATCH, 6, 6, 4),
     _layer("conv_transpose", lambda r: nnx.ConvTranspose(3, 4, (3, 3), strides=2, rngs=r), BATCH, 5, 5, 3),
+    _layer("max_pool", lambda r: Pool(nnx.max_pool, (3, 3), (2, 2), "SAME"), BATCH, 8, 8, 3),
+    _layer("min_pool", lambda r: Pool(nnx.min_pool, (2, 2), (1, 1), "VALID"), BATCH, 6, 6, 3),
+    _layer("avg_pool", lambda r: Pool(nnx.avg_pool, (2, 2), (2, 2), "VALID"), BATCH, 8, 8, 3),
     _layer("layer_norm", lambda r: nnx.LayerNorm(8, rngs=r), BATCH, 5, 8),
+    _layer("instance_norm", lambda r: nnx.InstanceNorm(4, rngs=r), BATCH, 5, 5, 4),
     _layer("rms_norm", lambda r: nnx.RMSNorm(8, rngs=r), BATCH, 5, 8),
     _layer("group_norm", lambda r: nnx.GroupNorm(8, num_groups=4, rngs=r), BATCH, 5, 8),
     _layer("batch_norm", lambda r: nnx.BatchNorm(8, rngs=r), 16, 8),
+    _layer("weight_norm", lambda r: nnx.WeightNorm(nnx.Linear(6, 4, rngs=r), rngs=r), BATCH, 6),
+    _layer("spectral_norm", lambda r: nnx.SpectralNorm(nnx.Linear(6, 4, rngs=r), rngs=r), BATCH, 6),
+    _layer("dropout", lambda r: nnx.Dropout(0.5, rngs=r), BATCH, 6),
+    _layer("prelu", lambda r: nnx.PReLU(), BATCH, 6),
+    _layer("lora", lambda r: nnx.LoRA(6, 2, 4, rngs=r), BATCH, 6),
+    _layer("lora_linear", lambda r: nnx.LoRALinear(6, 4, lora_rank=2, rngs=r), BATCH, 6),
     CatalogEntry("embed", lambda: Embedding(10, 6, rngs=nnx.Rngs(0)), embed_calls, embed_inputs),
     _layer("attention_causal", lambda r: _Causal(attention(r)), BATCH, 6, 8),
     CatalogEntry("attention_padding_mask", lambda: attention(nnx.Rngs(0)), padded_calls, padded_inputs),
     CatalogEntry("attention_decode", lambda: Decoder(8, 2, 4, rngs=nnx.Rngs(0)), {"decode": forward()}, decode_inputs),
     _layer("lstm", lambda r: nnx.RNN(nnx.LSTMCell(3, 5, rngs=r)), BATCH, 6, 3),
     _layer("gru", lambda r: nnx.RNN(nnx.GRUCell(3, 5, rngs=r)), BATCH, 6, 3),
+    _layer("simple_cell", lambda r: nnx.RNN(nnx.SimpleCell(3, 5, rngs=r)), BATCH, 6, 3),
+    _layer("optimized_lstm", lambda r: nnx.RNN(nnx.OptimizedLSTMCell(3, 5, rngs=r)), BATCH, 6, 3),
+    _layer("bidirectional", _bidirectional, BATCH, 6, 3),
     _layer("einsum", lambda r: nnx.Einsum("btd,dh->bth", (8, 6), (6,), rngs=r), BATCH, 5, 8),
     _layer("linear_general", lambda r: nnx.LinearGeneral((4, 6), (2, 3), axis=(-2, -1), rngs=r), BATCH, 4, 6),
     _layer("transformer_block", lambda r: TransformerBlock(8, 2, rngs=r), BATCH, 6, 8),
     _layer("resnet_block", lambda r: ResNetBlock(3, 8, rngs=r), BATCH, 6, 6, 3),
     _training("adamw_cnn", lambda r: CNN(rngs=r), 16, 4, 8, 8, 3),
+    _training("adamw_pool_stem", lambda r: Stem(rngs=r), 8, 4, 8, 8, 3),
     _training("adamw_resnet_block", lambda r: ResNetBlock(3, 8, rngs=r), 8, 4, 6, 6, 3),
     # Softmax ignores what the key bias adds to every logit of a query: its gradient is 0.
     _training(
