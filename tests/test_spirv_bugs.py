@@ -15,7 +15,7 @@ import compile as nnxc
 from compile._iree import compile_module
 from compile._stablehlo import clean_for_iree, module_text
 from compile.runtime._device import DeviceModule, open_device
-from tests.conftest import require_device
+from tests.conftest import RUNNABLE, require_device
 
 SPIRV = ["vulkan", "metal-vulkan"]
 
@@ -152,3 +152,71 @@ def test_a_race_that_cannot_be_isolated_fails_the_export_naming_kernel_op_and_li
     _Function(_centered_column_sums), {"f": nnxc.method("__call__", x)}, target=unfixed, check_hazards=False
   )
   assert artifact.manifest.hazard_check == "off"
+
+
+# Max and min pooling gradients: ``stablehlo.select_and_scatter``. Inputs are small integers, so windows tie and
+# the first maximum must take the gradient, as in XLA.
+POOLS = {
+  "max 2x2 stride 2": (jax.lax.max, (2, 2), (2, 2), "VALID"),
+  "max 3x3 stride 2 SAME (a ResNet stem)": (jax.lax.max, (3, 3), (2, 2), "SAME"),
+  "max 3x3 stride 1": (jax.lax.max, (3, 3), (1, 1), "VALID"),
+  "max 3x2 stride 3x1": (jax.lax.max, (3, 2), (3, 1), "SAME"),
+  "min 2x2 stride 1 SAME": (jax.lax.min, (2, 2), (1, 1), "SAME"),
+}
+
+
+def _pool_gradient(case):
+  reducer, window, strides, padding = POOLS[case]
+  init = -jnp.inf if reducer is jax.lax.max else jnp.inf
+
+  def pooled(x):
+    y = jax.lax.reduce_window(x, init, reducer, (1, *window, 1), (1, *strides, 1), padding)
+    # Integer weights keep the sums exact, so any difference is a wrong selection.
+    return (y * (jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) % 7 - 3)).sum()
+
+  return jax.grad(pooled)
+
+
+def _tied_input(shape=(2, 7, 6, 3)) -> np.ndarray:
+  return np.asarray(jax.random.randint(jax.random.key(1), shape, 0, 3), np.float32)
+
+
+@pytest.mark.xfail(strict=True, raises=nnxc.CompileError, reason="IREE 3.13 cannot legalize overlapping windows")
+def test_raw_iree_refuses_an_overlapping_max_pool_gradient():
+  fn = _pool_gradient("max 3x3 stride 2 SAME (a ResNet stem)")
+  module = jax.jit(fn).lower(jax.ShapeDtypeStruct((2, 7, 6, 3), jnp.float32)).compiler_ir("stablehlo")
+  clean_for_iree(module)
+  compile_module(module_text(module), "jit_fn", nnxc.get_target("cpu"))
+
+
+@pytest.mark.parametrize("target", ["metal", *SPIRV])
+def test_the_race_check_finds_the_raw_pool_gradient_race(target):
+  """Non-overlapping windows compile, into a kernel that reads back another thread's selection with no barrier."""
+  fn = _pool_gradient("max 2x2 stride 2")
+  module = jax.jit(fn).lower(jax.ShapeDtypeStruct((2, 8, 6, 3), jnp.float32)).compiler_ir("stablehlo")
+  clean_for_iree(module)
+  binary = compile_module(module_text(module), "jit_fn", nnxc.get_target(target))
+  assert [race for spirv in binary.spirv.values() for race in nnxc.find_races(spirv)]
+
+
+@pytest.mark.parametrize("target", RUNNABLE)
+@pytest.mark.parametrize("case", list(POOLS))
+def test_exported_pool_gradients_match_eager_ties_included(case, target):
+  require_device(target)
+  fn = _pool_gradient(case)
+  x = _tied_input()
+  artifact = nnxc.export(_Function(fn), {"f": nnxc.method("__call__", x)}, target=target)
+  assert artifact.manifest.rewrites.get("decompose_select_and_scatter") == 1
+  np.testing.assert_array_equal(artifact.load().f(x), fn(x))
+
+
+@pytest.mark.parametrize("target", ["metal", *SPIRV])
+def test_a_cumulative_sum_is_not_mistaken_for_a_race(target):
+  """Each invocation reads back only the workgroup-memory slots it wrote itself: the hazard check proves it."""
+  x = _input((4, 100))
+  fn = lambda x: jnp.cumsum(x, axis=1)  # noqa: E731
+  artifact = nnxc.export(_Function(fn), {"f": nnxc.method("__call__", x)}, target=target)
+  assert artifact.manifest.hazard_check == "passed"
+  if target != "metal":
+    require_device(target)
+    np.testing.assert_allclose(artifact.load().f(x), fn(x), rtol=1e-5, atol=1e-4)
