@@ -169,6 +169,14 @@ def _vulkan(vulkan_target: str | None) -> Target:
 # (ukernels) take: measured 3x faster on a 784-1024x4 MLP (docs/benchmarks.md).
 # IREE 3.13 leaves it off by default on llvm-cpu.
 _CPU_DATA_TILING = ("--iree-opt-data-tiling=true", "--iree-llvmcpu-enable-ukernels=all")
+# A data-tiled product with its fused epilogue can need a little more than IREE's
+# default 32 KiB of stack per kernel (34 KiB in a transformer's train step). Worker
+# threads of local-task have the platform's default stack (8 MiB on Linux, 512 KiB
+# for secondary threads on macOS), so 64 KiB is safe. Below it, the kernel would be
+# split by export's isolation, and IREE 3.13 then records a copy into a command
+# buffer with no binding capacity: the train step fails at run time
+# (docs/benchmarks.md, "Upstream").
+_CPU_STACK = ("--iree-llvmcpu-stack-allocation-limit=65536",)
 
 
 def _cpu() -> Target:
@@ -177,6 +185,7 @@ def _cpu() -> Target:
     "--iree-hal-local-target-device-backends=llvm-cpu",
     "--iree-llvmcpu-target-cpu=host",
     *_CPU_DATA_TILING,
+    *_CPU_STACK,
     *_KEEP_F64,
   )
   return Target("cpu", "llvm-cpu", RUNTIME["cpu"].drivers, flags, rewrites=COMMON_REWRITES)

@@ -370,11 +370,14 @@ def check(options: argparse.Namespace) -> int:
 
 
 def bench(options: argparse.Namespace) -> int:
-  from nnx_models import ZOO
+  from nnx_models import REALISTIC, ZOO
 
-  unknown = [name for name in options.models or () if name not in ZOO]
-  if unknown:
-    raise UsageError(f"--models: unknown model(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ZOO)}")
+  for flag, chosen, known in (("--models", options.models, ZOO), ("--realistic", options.realistic, REALISTIC)):
+    unknown = [name for name in chosen or () if name not in known]
+    if unknown:
+      raise UsageError(f"{flag}: unknown model(s) {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+  # Zoo models named alone are a quick run: the realistic tier then runs only if asked for.
+  realistic = options.realistic if options.realistic is not None else ([] if options.models else list(REALISTIC))
   out = pathlib.Path(options.out)
   if out.exists() and not out.is_dir():
     raise UsageError(f"--out {options.out!r} exists and is not a directory; choose another path")
@@ -383,6 +386,7 @@ def bench(options: argparse.Namespace) -> int:
   from . import bench as benchmarks
 
   argv = ["--out", str(options.out), "--rounds", str(options.rounds), "--calls", str(options.calls)]
+  argv += ["--realistic", *realistic]
   return benchmarks.main(argv + (["--models", *options.models] if options.models else []))
 
 
@@ -455,6 +459,11 @@ def make_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--out", default="build/bench", help="output directory (default build/bench)")
   p.add_argument("--models", nargs="*", help="zoo models (default: all)")
+  p.add_argument(
+    "--realistic",
+    nargs="*",
+    help="realistic models (default: all, or none when --models is given; `--realistic` alone: none)",
+  )
   p.add_argument("--rounds", type=_positive_int, default=7, help="interleaved rounds after warm-up (default 7)")
   p.add_argument("--calls", type=_positive_int, default=30, help="calls per round (default 30)")
   p.set_defaults(handler=bench)

@@ -507,6 +507,10 @@ BAD_ARGUMENTS = {
   "check garbage SPIR-V": (["check", "{ws}/garbage_spirv"], "check: SpirvError: "),
   # bench
   "bench unknown model": (["bench", "--models", "nope"], "--models: unknown model(s) 'nope'; choose from "),
+  "bench unknown realistic model": (
+    ["bench", "--realistic", "resnet50"],
+    "--realistic: unknown model(s) 'resnet50'; choose from mlp_784_1024x4",
+  ),
   "bench one unknown model": (
     ["bench", "--models", "mlp", "nope", "linera"],
     "unknown model(s) 'nope', 'linera'; choose from",

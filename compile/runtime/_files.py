@@ -197,6 +197,13 @@ def _read_at(directory_fd: int, relative: str, limit: int | None, shown: pathlib
       os.close(descriptor)
 
 
+_WHY_NOT_A_DIRECTORY = {
+  errno.ENOENT: "it does not exist",
+  errno.ENOTDIR: "it is not a directory",
+  errno.EACCES: "it cannot be read (permission denied)",
+}
+
+
 @contextlib.contextmanager
 def reading(directory: str | os.PathLike, *, lock: bool = True) -> Iterator[Callable[..., bytes]]:
   """``read(relative, limit=None) -> bytes`` for the files of ``directory``, one save's worth.
@@ -212,7 +219,8 @@ def reading(directory: str | os.PathLike, *, lock: bool = True) -> Iterator[Call
     try:
       directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
-      raise ArtifactError(f"{directory} is not an nnx-metal artifact: {e.strerror or e}.") from None
+      why = _WHY_NOT_A_DIRECTORY.get(e.errno, e.strerror or str(e))
+      raise ArtifactError(f"{directory} is not an nnx-metal artifact: {why}.") from None
     try:
       yield lambda relative, limit=None: _read_at(directory_fd, relative, limit, directory)
     finally:
