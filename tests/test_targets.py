@@ -92,3 +92,13 @@ def test_cuda_builds_without_a_gpu():
   # iree-compile 3.13 has no sm_90 description (iree-org/iree#22147): a clear CompileError, not a crash.
   with pytest.raises(nnxc.CompileError, match="missing GPU target"):
     nnxc.export(ZOO["mlp"].make(0), _functions("mlp"), target="cuda", cuda_arch="sm_90")
+
+
+@pytest.mark.parametrize(("width", "driver"), [(64, "local-sync"), (1024, "local-task")])
+def test_cpu_programs_default_to_the_thread_pool_where_it_pays(width, driver):
+  """6 MFLOP a call stays on the caller's thread; 3 products of 256x1024 by 1024x1024 (1.6 GFLOP) go to the pool."""
+  x = np.ones((256, width), np.float32)
+  model = nnx.Sequential(*[nnx.Linear(width, width, rngs=nnx.Rngs(i)) for i in range(3)])
+  artifact = nnxc.export(model, {"f": nnxc.method("__call__", x)}, target="cpu")
+  assert artifact.load().driver == driver
+  assert artifact.load(device="local-sync").driver == "local-sync"  # an explicit device always wins

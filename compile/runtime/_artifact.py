@@ -261,7 +261,11 @@ class Artifact:
     return cls(manifest, files, params, digest=sha256(text))
 
   def load(self, *, device: str | None = None):
-    """A :class:`compile.Program` running this artifact on ``device`` (an IREE driver; default: the target's)."""
+    """A :class:`compile.Program` running this artifact on ``device`` (an IREE driver).
+
+    The default is the target's first driver; on ``cpu``, ``local-task`` (IREE's thread
+    pool) instead of ``local-sync`` where a function costs 40 MFLOP a call or more.
+    """
     from ._program import Program
 
     return Program(self, device=device)

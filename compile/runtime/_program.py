@@ -106,7 +106,7 @@ class Program:
 
   def __init__(self, artifact: Artifact, *, device: str | None = None):
     target = artifact.manifest.target
-    driver = device or target.drivers[0]
+    driver = device or RUNTIME[target.name].default_driver(f.flops for f in artifact.manifest.functions.values())
     if driver not in target.drivers:
       raise UnknownTargetError(
         f"This artifact was compiled for {target.name!r}, which runs on the IREE driver(s) "
