@@ -134,7 +134,11 @@ def clean_for_iree(module: ir.Module, scope: str = "main") -> tuple[OpSite, ...]
     op = op.operation if hasattr(op, "operation") else op
     if op.name == "sdy.mesh" or _is_sharding_noop(op):
       noops.append(op)
-    elif op.name not in ("builtin.module", "func.func"):
+    elif op.name in ("builtin.module", "func.func"):
+      # Their locations hold the Python call stack of export's caller: dropped, so the
+      # same program compiles to the same bytes (and hits the cache) from any call site.
+      op.location = ir.Location.unknown()
+    else:
       op.location = ir.Location.name(f"{SITE_TAG}{scope}@{len(sites)}", childLoc=_traced_location(op.location))
       sites.append(OpSite(_op_label(op), frames(op.location), _element_types(op)))
     _strip_sdy_attributes(op)

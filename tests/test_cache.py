@@ -25,6 +25,15 @@ def test_an_unchanged_program_is_not_compiled_again(tmp_path):
   np.testing.assert_array_equal(second.load().eval(x), first.load().eval(x))
 
 
+def test_exports_from_two_call_sites_are_the_same_bytes(tmp_path):
+  """JAX's outlined helpers (Dropout's ``_uniform``) carry the caller's stack in their location: it is dropped."""
+  args = ZOO["mlp"].example_args(BATCH, 0)
+  functions = {"train": nnxc.method("__call__", *args, mode="train")}
+  first = nnxc.export(ZOO["mlp"].make(0), functions, target="cpu", cache=tmp_path)
+  second = nnxc.export(ZOO["mlp"].make(0), functions, target="cpu", cache=tmp_path)
+  assert second.from_cache and first.vmfb == second.vmfb
+
+
 def test_other_weights_hit_the_cache_other_shapes_do_not(tmp_path):
   _export(tmp_path)
   other_weights = _export(tmp_path, seed=1)

@@ -77,12 +77,14 @@ def _load(name: str, index: str, memory: str = "wg") -> str:
 BARRIER = "OpControlBarrier %workgroup %workgroup %semantics"
 LOOP = """OpBranch %header
 %header = OpLabel
-%i = OpPhi %uint %c0 %entry %inext %body
+%i = OpPhi %uint %c0 %entry %inext %continue
 %more = OpULessThan %bool %i %c16
-OpLoopMerge %merge %body None
+OpLoopMerge %merge %continue None
 OpBranchConditional %more %body %merge
 %body = OpLabel
 {loop_body}
+OpBranch %continue
+%continue = OpLabel
 %inext = OpIAdd %uint %i %c1
 OpBranch %header
 %merge = OpLabel"""
@@ -124,15 +126,7 @@ OpBranch %join
 
 # A scan over each invocation's own row of the storage buffer, as IREE writes cumsum:
 # iteration i reads what this invocation stored at i - 1 (guarded by {guard}) and stores at i.
-SCAN = """%base = OpIMul %uint %tid %{stride}
-OpBranch %header
-%header = OpLabel
-%i = OpPhi %uint %c0 %entry %inext %continue
-%more = OpULessThan %bool %i %c16
-OpLoopMerge %merge %continue None
-OpBranchConditional %more %body %merge
-%body = OpLabel
-%at = OpIAdd %uint %base %i
+SCAN_BODY = """%at = OpIAdd %uint %base %i
 %before = OpISub %uint %at %c1
 %first = OpIEqual %bool %i %c0
 OpSelectionMerge %stored None
@@ -143,17 +137,18 @@ OpBranchConditional %{guard} %stored %read
 OpBranch %stored
 %stored = OpLabel
 %slot = OpAccessChain %ptr_sb %buf %c0 %at
-OpStore %slot %f1
-OpBranch %continue
-%continue = OpLabel
-%inext = OpIAdd %uint %i %c1
-OpBranch %header
-%merge = OpLabel"""
+OpStore %slot %f1"""
+
+
+def _scan(stride: str, guard: str) -> str:
+  return f"%base = OpIMul %uint %tid %{stride}\n" + LOOP.format(loop_body=SCAN_BODY.format(guard=guard))
+
+
 # Rows of 16 slots: guarded, the read stays in this invocation's row; unguarded, i = 0
 # reads the last slot of the row before; with rows 1 apart, the rows overlap.
-CASES["scan: own earlier slot"] = (SCAN.format(stride="c16", guard="first"), 0)
-CASES["scan: unguarded, the row before's last slot"] = (SCAN.format(stride="c16", guard="false"), 1)
-CASES["scan: rows that overlap"] = (SCAN.format(stride="c1", guard="first"), 1)
+CASES["scan: own earlier slot"] = (_scan(stride="c16", guard="first"), 0)
+CASES["scan: unguarded, the row before's last slot"] = (_scan(stride="c16", guard="false"), 1)
+CASES["scan: rows that overlap"] = (_scan(stride="c1", guard="first"), 1)
 
 
 def _assemble(body: str, tmp_path) -> bytes:
