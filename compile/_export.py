@@ -252,8 +252,9 @@ def export(
   keys = tuple(objects) if isinstance(objects, dict) else None
   module_name = re.sub(r"\W", "_", model_name).lower()
   variables = _variables(state, layout, global_names([leaf.name for leaf in layout.leaves]), target)
-  # A kernel that races, or that IREE fails to compile (e.g. a data-tiled product whose
-  # fused epilogue needs too much stack), is compiled again with the matrix products
+  # A program iree-compile fails to compile with the target's optional optimizations
+  # (the cpu target's data tiling) is compiled again without them. A kernel that
+  # races, or that still fails to compile, is compiled again with the matrix products
   # and reductions it was formed from in kernels of their own.
   isolate: dict[str, set[int]] = {}
   for attempt in range(_ATTEMPTS):
@@ -280,6 +281,9 @@ def export(
     try:
       binary, cached = compile_cached(mlir, module_name, target, tuple(extra_flags), _cache_of(cache), sites)
     except CompileError as error:
+      if target.speed_flags:
+        target = dataclasses.replace(target, speed_flags=())
+        continue
       if attempt + 1 == _ATTEMPTS or not _widen(isolate, _contractions_of(error.kernels, lowered)):
         raise
       continue

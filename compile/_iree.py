@@ -65,7 +65,7 @@ _WHILE_LOOP_FLAGS = (
 def module_flags(mlir: str, target: Target, extra_flags: tuple[str, ...] = ()) -> tuple[str, ...]:
   """Every iree-compile flag ``compile_module`` uses for ``mlir`` on ``target``."""
   workarounds = _WHILE_LOOP_FLAGS if "stablehlo.while" in mlir else ()
-  return (*target.flags, *workarounds, *extra_flags)
+  return (*target.flags, *target.speed_flags, *workarounds, *extra_flags)
 
 
 def _with_device_targets(mlir: str, target: Target) -> str:

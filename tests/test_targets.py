@@ -102,3 +102,37 @@ def test_cpu_programs_default_to_the_thread_pool_where_it_pays(width, driver):
   artifact = nnxc.export(model, {"f": nnxc.method("__call__", x)}, target="cpu")
   assert artifact.load().driver == driver
   assert artifact.load(device="local-sync").driver == "local-sync"  # an explicit device always wins
+
+
+def _stacked_mlp_train_step_at_batch_1():
+  import optax
+
+  model = ZOO["stacked_mlp"].make(0)
+  objects = {"model": model, "optimizer": nnx.Optimizer(model, optax.sgd(1e-3), wrt=nnx.Param)}
+  (x,) = ZOO["stacked_mlp"].example_args(1, 0)
+  y = np.zeros(model(x).shape, np.float32)
+
+  def train_step(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(lambda model: ((model(x) - y) ** 2).mean())(model)
+    optimizer.update(model, grads)
+    return loss
+
+  return objects, {"step": nnxc.function(train_step, x, y)}, (x, y)
+
+
+@pytest.mark.xfail(strict=True, raises=nnxc.CompileError, reason="IREE 3.13: data tiling fails a batch-1 vecmat")
+def test_raw_data_tiling_fails_a_batch_1_train_step():
+  cpu = nnxc.get_target("cpu")
+  forced = nnxc.Target(**{**vars(cpu), "flags": (*cpu.flags, *cpu.speed_flags), "speed_flags": ()})
+  objects, functions, _ = _stacked_mlp_train_step_at_batch_1()
+  nnxc.export(objects, functions, target=forced, cache=False)
+
+
+def test_a_program_data_tiling_cannot_compile_compiles_without_it():
+  objects, functions, (x, y) = _stacked_mlp_train_step_at_batch_1()
+  artifact = nnxc.export(objects, functions, target="cpu", cache=False)
+  assert "--iree-opt-data-tiling=true" not in artifact.manifest.flags
+  program = artifact.load()
+  for _ in range(3):
+    got, want = program.step(x, y), functions["step"].fn(*objects.values(), x, y)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
