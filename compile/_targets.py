@@ -192,14 +192,14 @@ def _vulkan(vulkan_target: str | None) -> Target:
 # (a vector-matrix product of batch 1 in a train step: "'iree_codegen.load_from_buffer'
 # op buffer and tensor shapes must be compatible"): those compile without it.
 _CPU_DATA_TILING = ("--iree-opt-data-tiling=true", "--iree-llvmcpu-enable-ukernels=all")
-# A data-tiled product with its fused epilogue can need a little more than IREE's
-# default 32 KiB of stack per kernel (34 KiB in a transformer's train step). Worker
-# threads of local-task have the platform's default stack (8 MiB on Linux, 512 KiB
-# for secondary threads on macOS), so 64 KiB is safe. Below it, the kernel would be
-# split by export's isolation, and IREE 3.13 then records a copy into a command
-# buffer with no binding capacity: the train step fails at run time
-# (docs/benchmarks.md, "Upstream").
-_CPU_STACK = ("--iree-llvmcpu-stack-allocation-limit=65536",)
+# A data-tiled product with its fused epilogue can need more than IREE's default
+# 32 KiB of stack per kernel (34 KiB in a transformer's train step, 66 KiB in a
+# 1024-wide MLP's). Split instead by export's isolation, the transformer's train step
+# failed at run time (IREE 3.13 recorded a copy into a command buffer with no binding
+# capacity), so kernels get 128 KiB, and the runtime gives local-task's worker threads
+# 1 MiB of stack instead of IREE's 128 KiB (compile/runtime/_device.py).
+CPU_KERNEL_STACK = 128 * 1024
+_CPU_STACK = (f"--iree-llvmcpu-stack-allocation-limit={CPU_KERNEL_STACK}",)
 
 
 def _cpu() -> Target:

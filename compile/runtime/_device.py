@@ -11,7 +11,11 @@ import numpy as np
 from iree import runtime as rt
 
 from .._errors import ArtifactError, DeviceUnavailableError, ExecutionError
+from .._targets import CPU_KERNEL_STACK
 from . import _dtypes
+
+# 8 times the most stack a cpu kernel may take (IREE's own default is 128 KiB).
+TASK_WORKER_STACK = 8 * CPU_KERNEL_STACK
 
 # Host-visible memory the device can write into: where results are staged for reading.
 _STAGING_MEMORY = int(rt.MemoryType.HOST_LOCAL | rt.MemoryType.DEVICE_VISIBLE)
@@ -53,6 +57,10 @@ def open_device(driver: str, *, subgroup_size: int | None = None) -> rt.HalDevic
       f"The IREE runtime driver {driver!r} is not available here (available: {', '.join(sorted(available))}). "
       "Run this module where that device exists, or export for a target this machine has ('cpu', 'vulkan')."
     )
+  if driver == "local-task":
+    # Before the pool's threads exist: a cpu kernel may take CPU_KERNEL_STACK of stack,
+    # more than IREE's default worker stack leaves beside the task system's own frames.
+    rt.flags.parse_flags(f"--task_worker_stack_size={TASK_WORKER_STACK}")
   try:
     device = rt.get_device(driver, cache=True)
   except (RuntimeError, ValueError) as e:
