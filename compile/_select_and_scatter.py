@@ -91,7 +91,7 @@ def _zero(element_type: ir.Type) -> ir.Value:
 
 
 def _strided(value: ir.Value, start: list[int], size: list[int], strides: list[int]) -> ir.Value:
-  limit = [k + (n - 1) * s + 1 for k, n, s in zip(start, size, strides)]
+  limit = [k + (n - 1) * s + 1 for k, n, s in zip(start, size, strides, strict=True)]
   return stablehlo.SliceOp(value, start, limit, strides).result
 
 
@@ -127,15 +127,15 @@ def _decompose(op: ir.Operation, compare: ir.Operation) -> None:
   # The operand seen as (block, phase) per dimension: position p = block * stride + phase.
   # Window j's element at offset k sits in block j + k // stride, phase k % stride, so a
   # block gathers from the windows up to ceil(window / stride) - 1 blocks before it.
-  reach = [-(-w // s) for w, s in zip(window, strides)]
-  blocks = [-(-n // s) for n, s in zip(shape, strides)]
-  expanded = [size for b, s in zip(blocks, strides) for size in (b, s)]
+  reach = [-(-w // s) for w, s in zip(window, strides, strict=True)]
+  blocks = [-(-n // s) for n, s in zip(shape, strides, strict=True)]
+  expanded = [size for b, s in zip(blocks, strides, strict=True) for size in (b, s)]
   block_dimensions = [2 * d for d in range(rank)]
   with ir.InsertionPoint(op), op.location:
     chosen = _select_first(op, compare, offsets)
     # Windows moved by up to reach - 1 blocks: pad once, then slice (slices fuse, pads do not).
     grow_low = [r - 1 for r in reach]
-    grow_high = [b - n for b, n in zip(blocks, windows)]
+    grow_high = [b - n for b, n in zip(blocks, windows, strict=True)]
     if any(grow_low) or any(grow_high):
       zeros = [0] * rank
       source = stablehlo.PadOp(source, _zero(element), grow_low, grow_high, zeros).result
@@ -143,16 +143,19 @@ def _decompose(op: ir.Operation, compare: ir.Operation) -> None:
     total = _broadcast(init, expanded)
     nothing = _broadcast(_zero(element), expanded)
     for shift in itertools.product(*(range(r) for r in reach)):
-      start = [r - 1 - m for r, m in zip(reach, shift)]
+      start = [r - 1 - m for r, m in zip(reach, shift, strict=True)]
       values = [_strided(v, start, blocks, [1] * rank) for v in (source, chosen)]
-      values = [stablehlo.BroadcastInDimOp(ir.RankedTensorType.get(expanded, v.type.element_type), v, block_dimensions).result for v in values]
+      values = [
+        stablehlo.BroadcastInDimOp(ir.RankedTensorType.get(expanded, v.type.element_type), v, block_dimensions).result
+        for v in values
+      ]
       wanted = _offset_numbers(window, strides, shift)
       wanted = stablehlo.BroadcastInDimOp(
         ir.RankedTensorType.get(expanded, index_type), _constant(wanted, index_type), [2 * d + 1 for d in range(rank)]
       ).result
       mine = stablehlo.CompareOp(values[1], wanted, stablehlo.ComparisonDirectionAttr.get("EQ")).result
       total = stablehlo.AddOp(total, stablehlo.SelectOp(mine, values[0], nothing).result).result
-    flat = [b * s for b, s in zip(blocks, strides)]
+    flat = [b * s for b, s in zip(blocks, strides, strict=True)]
     result = stablehlo.ReshapeOp(ir.RankedTensorType.get(flat, element), total).result
     if flat != shape:
       result = stablehlo.SliceOp(result, [0] * rank, shape, [1] * rank).result
@@ -164,8 +167,8 @@ def _offset_numbers(window: list[int], strides: list[int], shift: tuple[int, ...
   """For each phase, the number of the window offset that lands there from ``shift`` blocks back (-1: none)."""
   numbers = np.full(strides, -1, np.int32)
   for phase in itertools.product(*(range(s) for s in strides)):
-    offset = [p + m * s for p, m, s in zip(phase, shift, strides)]
-    if all(k < w for k, w in zip(offset, window)):
+    offset = [p + m * s for p, m, s in zip(phase, shift, strides, strict=True)]
+    if all(k < w for k, w in zip(offset, window, strict=True)):
       numbers[phase] = np.ravel_multi_index(offset, window)
   return numbers
 

@@ -12,7 +12,7 @@ Imports only the standard library, like ``_spirv``.
 """
 
 import dataclasses
-import math
+import itertools
 from typing import Any
 
 from ._spirv import Function, Instruction, Module, Op
@@ -90,10 +90,10 @@ def _distinct_by_at_least(coefficients: list[int], local_size) -> int | None:
   (``|c[k+1]| >= |c[k]| * size[k]``): then any two invocations differ by at least the
   smallest coefficient.
   """
-  used = sorted((abs(c), size) for c, size in zip(coefficients, local_size) if size > 1)
+  used = sorted((abs(c), size) for c, size in zip(coefficients, local_size, strict=True) if size > 1)
   if any(c == 0 for c, _ in used) or not used:
     return None  # a dimension that does not move the slot: its invocations share it
-  for (c, size), (next_c, _) in zip(used, used[1:]):
+  for (c, size), (next_c, _) in itertools.pairwise(used):
     if next_c < c * size:
       return None
   return used[0][0]

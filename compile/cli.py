@@ -430,7 +430,8 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--input", action="append", default=[], help="8x2xf32=0.5 (filled), 8x2xf32 (zeros) or @x.npy; repeat")
   p.add_argument(
     "--device",
-    help="IREE driver (default: the target's; on cpu, local-task where a function costs 40 MFLOP or more, else local-sync)",
+    help="IREE driver (default: the target's; on cpu, local-task where a function costs 40 MFLOP or more, "
+    "else local-sync)",
   )
   p.add_argument("--output", type=pathlib.Path, help="save the first result as .npy")
   p.set_defaults(handler=run)

@@ -45,6 +45,8 @@ def test_realistic_model_matches_eager_on_cpu(name):
       got, want = np.asarray(got), np.asarray(want)
       np.testing.assert_allclose(got, want, rtol=0, atol=2 * LEARNING_RATE * STEPS, err_msg=name_)
       far = ~np.isclose(got, want, **TOLERANCE)
-      assert far.sum() <= max(1, RARE * far.size), f"{name_}: {far.sum()} of {far.size} weights differ beyond {TOLERANCE}"
+      assert far.sum() <= max(1, RARE * far.size), (
+        f"{name_}: {far.sum()} of {far.size} weights differ beyond {TOLERANCE}"
+      )
     else:
       assert_trees_allclose({name_: got}, {name_: want}, **TOLERANCE)
