@@ -5,6 +5,9 @@ Each rewrite works around a miscompilation of IREE 3.13 reproduced in
 is fixed) and is described in ``docs/metal-correctness.md``. They are IR passes on
 the module JAX lowered, run in place before it is printed for iree-compile, and
 only for the targets whose :attr:`Target.rewrites` name them.
+
+One is for speed, not correctness: ``kernel_gradients_as_products`` (cpu only, see
+``_kernel_gradient.py`` and ``docs/benchmarks.md``).
 """
 
 from collections.abc import Callable
@@ -199,9 +202,17 @@ def decompose_select_and_scatter(module: ir.Module) -> int:
   return decompose(module)
 
 
+def kernel_gradients_as_products(module: ir.Module) -> int:
+  """A convolution's kernel gradient as one matrix product over gathered windows (see ``_kernel_gradient.py``)."""
+  from ._kernel_gradient import kernel_gradients_as_products as rewrite
+
+  return rewrite(module)
+
+
 REWRITES: dict[str, Callable[[ir.Module], int]] = {
   "widen_bfloat16": widen_bfloat16,
   "decompose_select_and_scatter": decompose_select_and_scatter,
+  "kernel_gradients_as_products": kernel_gradients_as_products,
   "isolate_reductions": isolate_reductions,
   "split_grouped_convolutions": split_grouped_convolutions,
 }

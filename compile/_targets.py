@@ -22,6 +22,8 @@ _NO_HAL = "IREE has no HAL element type for it (on any target); convert to a typ
 _NO_HAL_ELEMENT_TYPE = (("f4E2M1FN", _NO_HAL), ("f6E2M3FN", _NO_HAL), ("f6E3M2FN", _NO_HAL))
 # The rewrites of compile/_rewrites.py, in the order they run: every target's, then SPIR-V's.
 COMMON_REWRITES = ("decompose_select_and_scatter",)
+# The cpu only: the gathered windows cost a kernel each, a price a GPU pays per launch.
+CPU_REWRITES = (*COMMON_REWRITES, "kernel_gradients_as_products")
 SPIRV_REWRITES = ("widen_bfloat16", *COMMON_REWRITES, "split_grouped_convolutions", "isolate_reductions")
 # lavapipe (Mesa 22.3) runs subgroup operations over at most 16 lanes: with
 # LP_NATIVE_VECTOR_WIDTH=1024 it reports 32 but a subgroup reduction adds only 16.
@@ -210,7 +212,7 @@ def _cpu() -> Target:
     *_KEEP_F64,
   )
   speed = (*_CPU_DATA_TILING, *_CPU_STACK)
-  return Target("cpu", "llvm-cpu", RUNTIME["cpu"].drivers, flags, rewrites=COMMON_REWRITES, speed_flags=speed)
+  return Target("cpu", "llvm-cpu", RUNTIME["cpu"].drivers, flags, rewrites=CPU_REWRITES, speed_flags=speed)
 
 
 def _cuda(arch: str) -> Target:

@@ -136,3 +136,41 @@ def test_a_program_data_tiling_cannot_compile_compiles_without_it():
   for _ in range(3):
     got, want = program.step(x, y), functions["step"].fn(*objects.values(), x, y)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# Kernel gradients of convolutions, rewritten on cpu as one matrix product over gathered windows:
+# (input shape, kernel shape, stride, padding, kernel dilation).
+KERNEL_GRADIENTS = {
+  "3x3 SAME": ((2, 9, 9, 3), (3, 3, 3, 4), 1, "SAME", 1),
+  "3x3 stride 2, odd width": ((2, 9, 8, 3), (3, 3, 3, 4), 2, "SAME", 1),
+  "3x3 dilated 2": ((2, 10, 10, 3), (3, 3, 3, 4), 1, "SAME", 2),
+  "1-D stride 2": ((2, 16, 3), (3, 3, 5), 2, "SAME", 1),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_GRADIENTS))
+def test_convolution_kernel_gradients_on_cpu_are_matrix_products_and_match_jax(case):
+  import jax
+
+  x_shape, k_shape, stride, padding, dilation = KERNEL_GRADIENTS[case]
+  spatial = len(x_shape) - 2
+  numbers = ("NHWC", "HWIO", "NHWC") if spatial == 2 else ("NWC", "WIO", "NWC")
+
+  def conv(x, k):
+    return jax.lax.conv_general_dilated(
+      x, k, (stride,) * spatial, padding, rhs_dilation=(dilation,) * spatial, dimension_numbers=numbers
+    )
+
+  def kernel_gradient(x, k, g):
+    return jax.vjp(lambda k: conv(x, k), k)[1](g)[0]
+
+  x, k = (np.asarray(jax.random.normal(jax.random.key(i), s)) for i, s in enumerate((x_shape, k_shape)))
+  g = np.asarray(jax.random.normal(jax.random.key(2), conv(x, k).shape))
+
+  class Gradient(nnx.Module):
+    def __call__(self, x, k, g):
+      return kernel_gradient(x, k, g)
+
+  artifact = nnxc.export(Gradient(), {"f": nnxc.method("__call__", x, k, g)}, target="cpu")
+  assert artifact.manifest.rewrites["kernel_gradients_as_products"] == 1
+  np.testing.assert_allclose(artifact.load().f(x, k, g), kernel_gradient(x, k, g), rtol=1e-5, atol=1e-5)
