@@ -27,16 +27,9 @@ import math
 from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo
 
+from ._stablehlo import int_list_attribute
+
 MAX_KERNEL_POSITIONS = 64
-
-
-def _ints(op: ir.Operation, name: str, default: list[int]) -> list[int]:
-  if name not in op.attributes:
-    return default
-  attribute = op.attributes[name]
-  if isinstance(attribute, ir.DenseI64ArrayAttr):
-    return list(attribute)
-  return [int(v) for v in ir.DenseIntElementsAttr(attribute)]
 
 
 def _flags(op: ir.Operation, name: str) -> list[bool]:
@@ -55,11 +48,11 @@ def _is_kernel_gradient(op: ir.Operation) -> bool:
   out_shape = ir.RankedTensorType(op.result.type).shape
   window = [rhs_shape[d] for d in numbers.kernel_spatial_dimensions]
   positions = [out_shape[d] for d in numbers.output_spatial_dimensions]
-  padding = _ints(op, "padding", [0] * 2 * spatial)
+  padding = int_list_attribute(op, "padding", [0] * 2 * spatial)
   return (
     ir.IntegerAttr(op.attributes["feature_group_count"]).value == 1
     and ir.IntegerAttr(op.attributes["batch_group_count"]).value == 1
-    and all(d == 1 for d in _ints(op, "lhs_dilation", [1] * spatial))
+    and all(d == 1 for d in int_list_attribute(op, "lhs_dilation", [1] * spatial))
     and not any(_flags(op, "window_reversal"))
     and all(p >= 0 for p in padding)
     and math.prod(window) > math.prod(positions)
@@ -76,9 +69,9 @@ def _rewrite(op: ir.Operation) -> None:
   spatial = len(numbers.input_spatial_dimensions)
   window = [ir.RankedTensorType(g.type).shape[d] for d in numbers.kernel_spatial_dimensions]
   positions = [out_type.shape[d] for d in numbers.output_spatial_dimensions]
-  strides = _ints(op, "window_strides", [1] * spatial)
-  dilation = _ints(op, "rhs_dilation", [1] * spatial)
-  padding = _ints(op, "padding", [0] * 2 * spatial)
+  strides = int_list_attribute(op, "window_strides", [1] * spatial)
+  dilation = int_list_attribute(op, "rhs_dilation", [1] * spatial)
+  padding = int_list_attribute(op, "padding", [0] * 2 * spatial)
   with ir.InsertionPoint(op), op.location:
     if any(padding):
       low, high = [0] * rank, [0] * rank

@@ -35,6 +35,8 @@ import numpy as np
 from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo
 
+from ._stablehlo import int_list_attribute
+
 # More window offsets than this would unroll into too many ops (a global pool):
 # those are left to IREE, where the hazard check guards the SPIR-V targets.
 MAX_WINDOW_OFFSETS = 64
@@ -58,15 +60,6 @@ def _select_compare(op: ir.Operation) -> ir.Operation | None:
 def _scatter_adds(op: ir.Operation) -> bool:
   body = _body(op, 1)
   return len(body) == 2 and body[0].name == "stablehlo.add" and body[1].name == "stablehlo.return"
-
-
-def _attribute(op: ir.Operation, name: str, default: list[int]) -> list[int]:
-  if name not in op.attributes:
-    return default
-  attribute = op.attributes[name]
-  if isinstance(attribute, ir.DenseI64ArrayAttr):
-    return list(attribute)
-  return np.asarray(ir.DenseIntElementsAttr(attribute)).reshape(-1).tolist()
 
 
 def _constant(array: np.ndarray, element_type: ir.Type) -> ir.Value:
@@ -99,7 +92,7 @@ def _select_first(op: ir.Operation, compare: ir.Operation, offsets: list[tuple[i
   """Which window offset each window selects (its number in ``offsets``), as XLA does, as an i32 tensor."""
   operand = op.operands[0]
   windows = list(ir.RankedTensorType(op.operands[1].type).shape)
-  strides = _attribute(op, "window_strides", [1] * len(windows))
+  strides = int_list_attribute(op, "window_strides", [1] * len(windows))
   selected = _strided(operand, list(offsets[0]), windows, strides)
   chosen = _index(0, windows)
   for number, offset in enumerate(offsets[1:], start=1):
@@ -121,8 +114,8 @@ def _decompose(op: ir.Operation, compare: ir.Operation) -> None:
   element = ir.RankedTensorType(operand.type).element_type
   index_type = ir.IntegerType.get_signless(32)
   rank = len(shape)
-  window = _attribute(op, "window_dimensions", [1] * rank)
-  strides = _attribute(op, "window_strides", [1] * rank)
+  window = int_list_attribute(op, "window_dimensions", [1] * rank)
+  strides = int_list_attribute(op, "window_strides", [1] * rank)
   offsets = list(itertools.product(*(range(w) for w in window)))
   # The operand seen as (block, phase) per dimension: position p = block * stride + phase.
   # Window j's element at offset k sits in block j + k // stride, phase k % stride, so a
@@ -188,8 +181,8 @@ def decompose_select_and_scatter(module: ir.Module) -> int:
   with module.context:
     for op in found:
       compare = _select_compare(op)
-      window = _attribute(op, "window_dimensions", [])
-      padding = _attribute(op, "padding", [])
+      window = int_list_attribute(op, "window_dimensions", [])
+      padding = int_list_attribute(op, "padding", [])
       if compare is None or not _scatter_adds(op) or any(padding) or math.prod(window) > MAX_WINDOW_OFFSETS:
         continue
       _decompose(op, compare)

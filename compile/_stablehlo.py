@@ -10,6 +10,7 @@ import dataclasses
 import pathlib
 import re
 
+import numpy as np
 from jax.extend.mlir import ir
 
 from ._errors import UnsupportedOpError
@@ -52,6 +53,16 @@ def site_tags(text: str) -> list[tuple[str, int]]:
   """The ``(scope, index)`` of every site tag in ``text``, in order of first appearance."""
   found = dict.fromkeys((scope, int(i)) for scope, i in re.findall(rf"{SITE_TAG}([\w.$]+)@(\d+)", text))
   return list(found)
+
+
+def int_list_attribute(op: ir.Operation, name: str, default: list[int]) -> list[int]:
+  """The integers of ``op``'s array or dense-elements attribute ``name``, flattened; ``default`` if absent."""
+  if name not in op.attributes:
+    return default
+  attribute = op.attributes[name]
+  if isinstance(attribute, ir.DenseI64ArrayAttr):
+    return list(attribute)
+  return np.asarray(ir.DenseIntElementsAttr(attribute)).reshape(-1).tolist()
 
 
 def _element_types(op: ir.Operation) -> tuple[str, ...]:

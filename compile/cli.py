@@ -400,14 +400,23 @@ def _positive_int(text: str) -> int:
   return value
 
 
+def _command(commands, handler, name: str, help: str, description: str) -> argparse.ArgumentParser:
+  """The subcommand ``name``, which ``main`` runs through ``handler``."""
+  parser = commands.add_parser(name, help=help, description=description)
+  parser.set_defaults(handler=handler)
+  return parser
+
+
 def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="nnx-metal", description="Compile Flax NNX models with IREE and run them.")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-  p = commands.add_parser(
+  p = _command(
+    commands,
+    build,
     "build",
-    help="export a model as an artifact directory",
-    description="Export model.<method> of the NNX module that FACTORY builds, for a target, as an artifact "
+    "export a model as an artifact directory",
+    "Export model.<method> of the NNX module that FACTORY builds, for a target, as an artifact "
     "directory (manifest.json, module.vmfb, params.irpa, module.mlir, msl/ for metal).",
   )
   p.add_argument("factory", help="module:callable returning an nnx.Module, e.g. nnx_models:MLP")
@@ -420,10 +429,9 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--target", default="metal", choices=TARGET_NAMES, help="default metal")
   p.add_argument("--out", type=pathlib.Path, required=True, help="the artifact directory to write")
   p.add_argument("--no-cache", action="store_true", help="always run iree-compile")
-  p.set_defaults(handler=build)
 
-  p = commands.add_parser(
-    "run", help="run a function of an artifact", description="Run one function of an artifact on given inputs."
+  p = _command(
+    commands, run, "run", "run a function of an artifact", "Run one function of an artifact on given inputs."
   )
   p.add_argument("artifact", type=pathlib.Path)
   p.add_argument("--function", required=True, help="the function to run (see `nnx-metal inspect`)")
@@ -434,32 +442,32 @@ def make_parser() -> argparse.ArgumentParser:
     "else local-sync)",
   )
   p.add_argument("--output", type=pathlib.Path, help="save the first result as .npy")
-  p.set_defaults(handler=run)
 
-  p = commands.add_parser(
-    "inspect", help="describe an artifact", description="Print an artifact's functions, dispatches and state."
+  p = _command(
+    commands, inspect, "inspect", "describe an artifact", "Print an artifact's functions, dispatches and state."
   )
   p.add_argument("artifact", type=pathlib.Path)
   p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
   p.add_argument(
     "--html", type=pathlib.Path, help="write the HTML report (treescope state, functions, MSL) to this file"
   )
-  p.set_defaults(handler=inspect)
 
-  p = commands.add_parser(
+  p = _command(
+    commands,
+    check,
     "check",
-    help="re-check an artifact's SPIR-V kernels for data races",
-    description="Look for loads of workgroup or storage-buffer memory that another invocation stored to with no "
+    "re-check an artifact's SPIR-V kernels for data races",
+    "Look for loads of workgroup or storage-buffer memory that another invocation stored to with no "
     "barrier in between, in every SPIR-V kernel an artifact ships (spirv/). Exit status 1 if any may race.",
   )
   p.add_argument("artifact", type=pathlib.Path)
-  p.set_defaults(handler=check)
 
-  p = commands.add_parser(
+  p = _command(
+    commands,
+    bench,
     "bench",
-    help="run the benchmarks",
-    description="Benchmark programs against jax.jit and nnx.jit (what `nox -s bench` runs); writes bench.json "
-    "and bench.md.",
+    "run the benchmarks",
+    "Benchmark programs against jax.jit and nnx.jit (what `nox -s bench` runs); writes bench.json and bench.md.",
   )
   p.add_argument("--out", default="build/bench", help="output directory (default build/bench)")
   p.add_argument("--models", nargs="*", help="zoo models (default: all)")
@@ -470,7 +478,6 @@ def make_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--rounds", type=_positive_int, default=7, help="interleaved rounds after warm-up (default 7)")
   p.add_argument("--calls", type=_positive_int, default=30, help="calls per round (default 30)")
-  p.set_defaults(handler=bench)
   return parser
 
 

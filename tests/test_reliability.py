@@ -133,18 +133,16 @@ OPEN_BUGS = {"B7"}
 # NotImplementedError for UNIMPLEMENTED, RuntimeError for a reflection string nanobind cannot decode, ...).
 KNOWN_RAW = [
   ("TypeError", "_manifest.py", "check", "not in choices", "B1"),
-  ("*", "_program.py", "nnx_state", "", "B2"),
-  ("*", "_program.py", "update", "", "B2"),
-  ("*", "_device.py", "__init__", "", "B5"),
-  ("*", "_device.py", "invoke", "", "B5"),
-  ("*", "_artifact.py", "_read_params", "", "B6"),
-  ("*", "_artifact.py", "check_module", "", "B6"),
-  ("*", "_artifact.py", "_check_declaration", "", "B6"),
+  *(("*", "_program.py", function, "", "B2") for function in ("nnx_state", "update")),
+  *(("*", "_device.py", function, "", "B5") for function in ("__init__", "invoke")),
+  *(("*", "_artifact.py", function, "", "B6") for function in ("_read_params", "check_module", "_check_declaration")),
   ("MemoryError", "_artifact.py", "_read_regular_file", "", "B10"),
   ("NotADirectoryError", "_artifact.py", "_read_regular_file", "", "B16"),
   ("TypeError", "_program.py", "flatten_inputs", "", "B11"),
-  ("OSError", "_files.py", "_exchange", "", "B12"),
-  ("FileExistsError", "_files.py", "save_directory", "", "B12"),
+  *(
+    (kind, "_files.py", function, "", "B12")
+    for kind, function in (("OSError", "_exchange"), ("FileExistsError", "save_directory"))
+  ),
 ]
 
 
@@ -1172,6 +1170,23 @@ def _describe(case: dict) -> str:
   return f"{case['file']} {how.get(case['op'], case['op'])}{' (rehashed)' if case['rehash'] else ''}"
 
 
+def _without_state(reference: dict) -> dict:
+  return {k: v for k, v in reference.items() if k != "state"}
+
+
+def _judge_tampered(subject, work, cases, check=None) -> None:
+  """Each case applied to a fresh copy of ``subject``'s artifact, judged (``check``: what is wrong with a run)."""
+  for case in cases:
+    fresh_copy(subject.directory, work)
+    _apply(work, case)
+    judge(
+      "tamper",
+      f"{subject.directory.name}: {_describe(case)}",
+      lambda w=work, s=subject: observe(w, s.calls, state=False),
+      check,
+    )
+
+
 def test_tampered_files_are_refused_by_their_hash(mlp, tmp_path, request):
   """Every file of a cpu and a vulkan artifact: flipped bits, truncations and appended bytes, hashes left alone."""
   vulkan = _vulkan_subject(request, tmp_path)
@@ -1185,14 +1200,7 @@ def test_tampered_files_are_refused_by_their_hash(mlp, tmp_path, request):
           file, size, rehash=False
         )
         cases.append({"file": file, "op": "append", "length": 16, "rehash": False})
-        for case in cases:
-          fresh_copy(subject.directory, work)
-          _apply(work, case)
-          judge(
-            "tamper",
-            f"{subject.directory.name}: {_describe(case)}",
-            lambda w=work, s=subject: observe(w, s.calls, state=False),
-          )
+        _judge_tampered(subject, work, cases)
 
 
 def test_tampered_descriptive_files_with_recomputed_hashes(mlp, tmp_path, request):
@@ -1208,15 +1216,8 @@ def test_tampered_descriptive_files_with_recomputed_hashes(mlp, tmp_path, reques
       ]
       for i, file in enumerate(sorted(files)):
         size = (subject.directory / file).stat().st_size
-        for case in _flip_cases(file, size, 6, 100 + i, rehash=True) + _truncations(file, size, rehash=True)[:3]:
-          fresh_copy(subject.directory, work)
-          _apply(work, case)
-          judge(
-            "tamper",
-            f"{subject.directory.name}: {_describe(case)}",
-            lambda w=work, s=subject: observe(w, s.calls, state=False),
-            lambda seen, s=subject: differences({k: v for k, v in s.reference.items() if k != "state"}, seen),
-          )
+        cases = _flip_cases(file, size, 6, 100 + i, rehash=True) + _truncations(file, size, rehash=True)[:3]
+        _judge_tampered(subject, work, cases, lambda seen, s=subject: differences(_without_state(s.reference), seen))
 
 
 def test_rehashed_params_archives(mlp, x, tmp_path):
@@ -1303,14 +1304,8 @@ def test_files_from_other_exports_with_recomputed_hashes(mlp, others, tmp_path):
             )
           else:  # the vmfb of the same export (another seed) computes the same functions of the state
             fit = subject.reference if _same_export(subject.directory, other) else None
-          work = fresh_copy(subject.directory, tmp_path / "work")
-          shutil.copy(other / file, work / file)
-          rehash(work, file)
-          judge(
-            "tamper",
-            f"{target}: {file} of {name} (rehashed)",
-            lambda w=work, s=subject: observe(w, s.calls),
-            lambda seen, fit=fit: "accepted files that do not fit" if fit is None else differences(fit, seen),
+          _judge_transplant(
+            subject.directory / file, other, tmp_path, subject.calls, fit, f"{target}: {file} of {name}"
           )
           # The other export's manifest and files, with this artifact's file.
           if file == "params.irpa":
@@ -1324,15 +1319,21 @@ def test_files_from_other_exports_with_recomputed_hashes(mlp, others, tmp_path):
             )
           else:
             fit = _observe_or_none(lambda o=other: o, subject.calls) if _same_export(subject.directory, other) else None
-          work = fresh_copy(other, tmp_path / "work")
-          shutil.copy(subject.directory / file, work / file)
-          rehash(work, file)
-          judge(
-            "tamper",
-            f"{target}: its {file} under the manifest of {name} (rehashed)",
-            lambda w=work, s=subject: observe(w, s.calls),
-            lambda seen, fit=fit: "accepted files that do not fit" if fit is None else differences(fit, seen),
-          )
+          attack = f"{target}: its {file} under the manifest of {name}"
+          _judge_transplant(subject.directory / file, other, tmp_path, subject.calls, fit, attack)
+
+
+def _judge_transplant(file: pathlib.Path, into: pathlib.Path, tmp_path, calls, fit, attack: str) -> None:
+  """``file`` copied into a copy of the artifact ``into`` and rehashed: refused, or it runs as ``fit`` (None: unfit)."""
+  work = fresh_copy(into, tmp_path / "work")
+  shutil.copy(file, work / file.name)
+  rehash(work, file.name)
+  judge(
+    "tamper",
+    f"{attack} (rehashed)",
+    lambda: observe(work, calls),
+    lambda seen: "accepted files that do not fit" if fit is None else differences(fit, seen),
+  )
 
 
 def _same_export(a: pathlib.Path, b: pathlib.Path) -> bool:
