@@ -1305,7 +1305,7 @@ def test_files_from_other_exports_with_recomputed_hashes(mlp, others, tmp_path):
           else:  # the vmfb of the same export (another seed) computes the same functions of the state
             fit = subject.reference if _same_export(subject.directory, other) else None
           _judge_transplant(
-            subject.directory / file, other, tmp_path, subject.calls, fit, f"{target}: {file} of {name}"
+            other / file, subject.directory, tmp_path, subject.calls, fit, f"{target}: {file} of {name}"
           )
           # The other export's manifest and files, with this artifact's file.
           if file == "params.irpa":
