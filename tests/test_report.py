@@ -1,5 +1,7 @@
 """The HTML inspection report renders in headless Chromium: the model tree, the parity table, the MSL."""
 
+import dataclasses
+import html
 import pathlib
 import shutil
 import subprocess
@@ -80,3 +82,15 @@ def test_a_parity_error_is_highlighted(tmp_path):
   page = nnxc.write_report(program.artifact, tmp_path / "r.html", program=program, model=model, calls=[("f", args)])
   page = page.read_text()
   assert page.count('class="bad"') == 2  # the output and the bias
+
+
+def test_manifest_text_is_escaped(tmp_path):
+  """The model's description is free text in a saved manifest: the page shows it, never runs it as HTML."""
+  args = ZOO["linear"].example_args(BATCH, 0)
+  artifact = nnxc.export(ZOO["linear"].make(0), {"f": nnxc.method("__call__", *args)})
+  script = "<script>alert(1)</script>"
+  manifest = dataclasses.replace(artifact.manifest, model=script)
+  page = nnxc.write_report(nnxc.Artifact(manifest, artifact.files, artifact.params), tmp_path / "r.html")
+  page = page.read_text()
+  assert script not in page
+  assert html.escape(script) in page
