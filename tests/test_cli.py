@@ -4,10 +4,12 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 import time
+import tomllib
 
 import numpy as np
 import pytest
@@ -239,304 +241,36 @@ def workspace(built, tmp_path_factory):
   return ws
 
 
-BUILD_MLP = ["build", "nnx_models:MLP", "--args", "2,16,5", "--target", "cpu", "--out", "{ws}/never"]
-FACTORIES = ["--target", "cpu", "--out", "{ws}/never"]
-RUN = ["run", "{built}", "--function", "eval"]
+# The bad-argument cases are data (tests/cli_cases.toml): name = (argv, text the one-line message must hold; it
+# names the offending argument). {built}: the MLP artifact (eval takes float32[8, 2]); {ws}: the workspace above,
+# whose user/ folder is on the path.
+CASES = tomllib.loads((pathlib.Path(__file__).parent / "cli_cases.toml").read_text())
+SPLICES = CASES["splices"]
 
-# (argv, text the one-line message must hold: it names the offending argument). {built}: the MLP artifact
-# (eval takes float32[8, 2]); {ws}: the workspace above, whose user/ folder is on the path.
+
+def _cases(section: str) -> dict[str, tuple[list[str], str]]:
+  """A table of cases, each argument "*NAME" replaced by the arguments of splice NAME."""
+
+  def expand(argv: list[str]) -> list[str]:
+    return [a for arg in argv for a in (SPLICES[arg[1:]] if arg.startswith("*") else [arg])]
+
+  return {name: (expand(argv), message) for name, (argv, message) in CASES[section].items()}
+
+
+# Mistakes the CLI finds itself; the ones whose arguments are computed stay here.
 BAD_ARGUMENTS = {
-  # build FACTORY: malformed, not importable, failing on import, no such callable
-  "factory without colon": (
-    ["build", "nnx_models", "--input", "2xf32", "--out", "x"],
-    "'nnx_models' is not module:factory",
-  ),
-  "factory without callable": (
-    ["build", "nnx_models:", "--input", "2xf32", "--out", "x"],
-    "'nnx_models:' is not module",
-  ),
-  "factory without module": (["build", ":MLP", "--input", "2xf32", "--out", "x"], "':MLP' is not module:factory"),
-  "factory relative module": (["build", ".nnx_models:MLP", "--out", "x"], "'.nnx_models:MLP' is not module:factory"),
-  "factory with spaces": (["build", "nnx models:MLP", "--out", "x"], "'nnx models:MLP' is not module:factory"),
-  "module not found": (
-    ["build", "no_such_module:f", "--input", "2xf32", "--out", "x"],
-    "cannot import 'no_such_module'",
-  ),
-  "package not found": (["build", "no_such_package.sub:f", "--out", "x"], "cannot import 'no_such_package.sub'"),
-  "submodule not found": (["build", "nnx_models.nope:f", "--out", "x"], "cannot import 'nnx_models.nope'"),
-  "module syntax error": (["build", "cli_syntax_error:f", "--out", "x"], "importing 'cli_syntax_error' (FACTORY"),
-  "import error inside module": (
-    ["build", "cli_import_error_inside:f", "--out", "x"],
-    "importing 'cli_import_error_inside' (FACTORY cli_import_error_inside:f) failed: ImportError: cannot import name",
-  ),
-  "missing dependency of module": (
-    ["build", "cli_missing_dependency:f", "--out", "x"],
-    "importing 'cli_missing_dependency' (FACTORY cli_missing_dependency:f) failed: ModuleNotFoundError",
-  ),
-  "module raises at import": (
-    ["build", "cli_raises_at_import:f", "--out", "x"],
-    "failed: RuntimeError: configuration file not found (at ",
-  ),
-  "module name error": (
-    ["build", "cli_name_error:f", "--out", "x"],
-    "'cli_name_error' (FACTORY cli_name_error:f) failed",
-  ),
-  "no such callable": (
-    ["build", "nnx_models:Nope", "--input", "2xf32", "--out", "x"],
-    "nnx_models has no callable 'Nope'",
-  ),
-  "callable misspelled": (
-    ["build", "nnx_models:mlp", "--out", "x"],
-    "no callable 'mlp' (FACTORY nnx_models:mlp); did you mean 'MLP'",
-  ),
-  "not callable": (
-    ["build", "cli_factories:NOT_CALLABLE", "--out", "x"],
-    "cli_factories.NOT_CALLABLE is int 3, not a callable (FACTORY cli_factories:NOT_CALLABLE)",
-  ),
-  "nested not callable": (["build", "cli_factories:Factory.nope", "--out", "x"], "no callable 'Factory.nope'"),
-  # build: the factory fails or returns something else
-  "factory raises": (
-    ["build", "cli_factories:raises", "--input", "2xf32", *FACTORIES],
-    "cli_factories:raises(rngs=nnx.Rngs(SEED)) failed: ValueError: the factory broke (at ",
-  ),
-  "factory raises without message": (
-    ["build", "cli_factories:raises_empty", *FACTORIES],
-    "cli_factories:raises_empty(rngs=nnx.Rngs(SEED)) failed: RuntimeError (at",
-  ),
-  "factory raises multi-line message": (
-    ["build", "cli_factories:raises_multiline", *FACTORIES],
-    "cli_factories:raises_multiline(rngs=nnx.Rngs(SEED)) failed: RuntimeError: first line (at",
-  ),
-  "factory raises KeyError": (["build", "cli_factories:raises_key_error", *FACTORIES], "failed: KeyError: 'missing'"),
-  "too few --args": (["build", "nnx_models:MLP", "--args", "2", "--input", "2xf32", "--out", "x"], "check --args"),
-  "too many --args": (["build", "nnx_models:MLP", "--args", "2,16,5,7", "--out", "x"], "nnx_models:MLP(2, 16, 5, 7, "),
-  "--args of the wrong type": (["build", "nnx_models:MLP", "--args", "two,16,5", "--out", "x"], "nnx_models:MLP('two'"),
-  "--no-rngs where rngs are needed": (
-    ["build", "nnx_models:MLP", "--args", "2,16,5", "--no-rngs", "--out", "x"],
-    "nnx_models:MLP(2, 16, 5) failed: TypeError",
-  ),
-  "rngs where none are taken": (
-    ["build", "cli_factories:Model", "--args", "1", *FACTORIES],
-    "check --args and --no-rngs",
-  ),
-  "factory returns an int": (
-    ["build", "cli_factories:returns_int", *FACTORIES],
-    "returns_int(rngs=nnx.Rngs(SEED)) returned int 3, not an nnx.Module",
-  ),
-  "factory returns None": (
-    ["build", "cli_factories:returns_none", *FACTORIES],
-    "returned NoneType None, not an nnx.Module",
-  ),
+  **_cases("bad_arguments"),
   "--seed out of range": (["build", "nnx_models:MLP", "--seed", str(2**64), "--out", "x"], f"--seed {2**64} is out"),
-  # build: the method, and the model rejecting the inputs
-  "--method missing": ([*BUILD_MLP, "--input", "8x2xf32", "--method", "nope"], "--method 'nope': MLP has no method"),
-  "--method not callable": (
-    ["build", "cli_factories:Model", "--input", "2xf32", "--method", "size", *FACTORIES],
-    "--method 'size': Model has no method 'size'; it has __call__, branchy, eval_only, multiline, rejects",
-  ),
-  "no --input": ([*BUILD_MLP], "MLP.__call__ (train mode) failed on no --input: TypeError"),
-  "too many --input": (
-    [*BUILD_MLP, "--input", "8x2xf32", "--input", "8x2xf32"],
-    "failed on --input 8x2xf32 --input",
-  ),
-  "shape the model rejects": (
-    [*BUILD_MLP, "--input", "8x3xf32"],
-    "MLP.__call__ (train mode) failed on --input 8x3xf32",
-  ),
-  "rank the model rejects": ([*BUILD_MLP, "--input", "8x2x3x4xf32"], "failed on --input 8x2x3x4xf32"),
-  "model raises": (
-    ["build", "cli_factories:Model", "--input", "2xf32", "--method", "rejects", *FACTORIES],
-    "Model.rejects (train mode) failed on --input 2xf32: ValueError: Model.rejects takes nothing (at ",
-  ),
-  "model branches on a traced value": (
-    ["build", "cli_factories:Model", "--input", "2xf32", "--method", "branchy", *FACTORIES],
-    "Model.branchy (train mode) failed on --input 2xf32: TracerBoolConversionError",
-  ),
-  "model fails in train mode only": (
-    ["build", "cli_factories:Model", "--input", "2xf32", "--method", "eval_only", *FACTORIES],
-    "Model.eval_only (train mode) failed on --input 2xf32: NotImplementedError: no train mode",
-  ),
-  "model raises multi-line message": (
-    ["build", "cli_factories:Model", "--input", "2xf32", "--method", "multiline", "--mode", "eval", *FACTORIES],
-    "Model.multiline (eval mode) failed on --input 2xf32: ValueError: line one (at",
-  ),
-  # build --input shapes
-  "unknown element type": ([*BUILD_MLP, "--input", "8x2xq8"], "--input '8x2xq8' has unknown element type 'q8'"),
-  "element type in capitals": (
-    [*BUILD_MLP, "--input", "8x2xF32"],
-    "--input '8x2xF32' has unknown element type 'F32'",
-  ),
-  "no element type": ([*BUILD_MLP, "--input", "8x2"], "--input '8x2' has unknown element type '2'"),
-  "trailing x": ([*BUILD_MLP, "--input", "8x2x"], "--input '8x2x' ends without an element type"),
-  "empty --input": ([*BUILD_MLP, "--input", ""], "--input '' is empty"),
-  "negative dimension": (
-    [*BUILD_MLP, "--input=-1x2xf32"],
-    "--input '-1x2xf32': dimension -1 is negative; dimensions must be >= 0",
-  ),
-  "negative inner dimension": ([*BUILD_MLP, "--input", "8x-2xf32"], "dimension -2 is negative"),
-  "empty dimension": ([*BUILD_MLP, "--input", "8xx2xf32"], "--input '8xx2xf32': dimension '' is not an integer"),
-  "non-integer dimension": (
-    [*BUILD_MLP, "--input", "ax2xf32"],
-    "--input 'ax2xf32': dimension 'a' is not an integer",
-  ),
-  "float dimension": ([*BUILD_MLP, "--input", "1e3x2xf32"], "dimension '1e3' is not an integer"),
-  "non-ASCII digit": ([*BUILD_MLP, "--input", "\u0663x2xf32"], "is not an integer"),
-  "huge dimension": ([*BUILD_MLP, "--input", f"{10**20}x2xf32"], "is larger than 2**40"),
-  "too many elements": ([*BUILD_MLP, "--input", "1048576x1048576x2xf32"], "elements, more than 2**40"),
-  "fill value in build": ([*BUILD_MLP, "--input", "8x2xf32=0.5"], "--input '8x2xf32=0.5': build takes shapes"),
-  "file in build": ([*BUILD_MLP, "--input", "@x.npy"], "--input '@x.npy': build takes shapes"),
-  # build --out
-  "--out is a file": (["build", "nnx_models:MLP", "--out", "{ws}/a_file"], "a_file' exists and is not a directory"),
-  "--out under a file": (["build", "nnx_models:MLP", "--out", "{ws}/a_file/mlp"], "a_file is not a directory"),
-  "--out is not an artifact": (
-    ["build", "nnx_models:MLP", "--out", "{ws}/not_an_artifact"],
-    "is not an nnx-metal artifact",
-  ),
-  "--out is an empty directory": (
-    ["build", "nnx_models:MLP", "--out", "{ws}/empty_dir"],
-    "is not an nnx-metal artifact",
-  ),
-  # run: the artifact and --function
-  "run missing artifact": (["run", "/nonexistent", "--function", "eval"], "ArtifactError: /nonexistent is not an nnx"),
-  "run file as artifact": (["run", "{ws}/a_file", "--function", "eval"], "a_file is not an nnx-metal artifact"),
-  "run empty directory": (["run", "{ws}/empty_dir", "--function", "eval"], "empty_dir is not an nnx-metal artifact"),
-  "run corrupt module": (["run", "{ws}/corrupt_module", "--function", "eval"], "module.vmfb is corrupt or was changed"),
-  "--function missing": (["run", "{built}", "--function", "predict"], "has no function 'predict'; it has train, eval"),
-  "--device unknown": (
-    ["run", "{built}", "--function", "eval", "--input", "8x2xf32", "--device", "nope"],
-    "not 'nope'",
-  ),
-  # run --input against the signature (checked before anything is allocated)
-  "run shape mismatch": (
-    [*RUN, "--input", "8x3xf32"],
-    "SignatureError: eval input args[0]: expected float32[8, 2], got float32[8, 3] from --input '8x3xf32'",
-  ),
-  "run dtype mismatch": ([*RUN, "--input", "8x2xf64"], "got float64[8, 2] from --input '8x2xf64'"),
-  "run integer for float": ([*RUN, "--input", "8x2xi32=1"], "got int32[8, 2] from --input '8x2xi32=1'"),
-  "run scalar for array": ([*RUN, "--input", "f32"], "got float32[] from --input 'f32'"),
-  "run huge shape": (
-    [*RUN, "--input", "100000x100000xf32"],
-    "got float32[100000, 100000] from --input '100000x100000xf32'",
-  ),
-  "run too few inputs": (RUN, "eval takes 1 input(s), got 0 --input"),
-  "run too many inputs": ([*RUN, "--input", "8x2xf32", "--input", "8x2xf32"], "eval takes 1 input(s), got 2 --input"),
-  # run --input values
-  "run unknown element type": ([*RUN, "--input", "8x2xq8"], "unknown element type 'q8'"),
-  "run negative dimension": ([*RUN, "--input=-8x2xf32=1"], "dimension -8 is negative"),
-  "fill not a number": (
-    [*RUN, "--input", "8x2xf32=abc"],
-    "--input '8x2xf32=abc': the fill value 'abc' is not a number",
-  ),
-  "fill empty": ([*RUN, "--input", "8x2xf32="], "--input '8x2xf32=': no fill value after '='"),
-  "fill list": ([*RUN, "--input", "8x2xf32=1,2"], "the fill value '1,2' is not a number"),
-  "fill twice": ([*RUN, "--input", "8x2xf32=1=2"], "the fill value '1=2' is not a number"),
-  "fill out of range for f16": ([*RUN, "--input", "8x2xf16=1e10"], "the fill value 1e10 is out of range for float16"),
-  "fill out of range for f32": ([*RUN, "--input", "8x2xf32=1e999"], "the fill value 1e999 is out of range for float32"),
-  "fill with 5000 digits": ([*RUN, "--input", "8x2xi64=" + "9" * 5000], "is out of range for int64"),
+  "huge dimension": ([*SPLICES["BUILD_MLP"], "--input", f"{10**20}x2xf32"], "is larger than 2**40"),
+  "fill with 5000 digits": ([*SPLICES["RUN"], "--input", "8x2xi64=" + "9" * 5000], "is out of range for int64"),
   "dimension with 5000 digits": (
-    [*RUN, "--input", "9" * 5000 + "xf32"],
+    [*SPLICES["RUN"], "--input", "9" * 5000 + "xf32"],
     "dimension 99999999...(5000 digits) is larger",
-  ),
-  "fill out of range for i8": (
-    [*RUN, "--input", "8x2xi8=300"],
-    "the fill value 300 is out of range for int8 [-128, 127]",
-  ),
-  "negative fill for unsigned": ([*RUN, "--input", "8x2xu8=-1"], "out of range for uint8"),
-  "fraction for an integer": (
-    [*RUN, "--input", "8x2xi32=0.5"],
-    "the fill value '0.5' is not an integer, which int32 needs",
-  ),
-  "fill not a bool": ([*RUN, "--input", "8x2xi1=2"], "the fill value '2' is not a bool"),
-  # run --input files
-  "@ without a file": ([*RUN, "--input", "@"], "--input '@' names no file"),
-  "@ missing file": ([*RUN, "--input", "@{ws}/missing.npy"], "missing.npy (No such file or directory)"),
-  "@ directory": ([*RUN, "--input", "@{ws}/empty_dir"], "empty_dir (Is a directory)"),
-  "@ text file": ([*RUN, "--input", "@{ws}/text.npy"], "text.npy is not a .npy file"),
-  "@ empty file": ([*RUN, "--input", "@{ws}/empty.npy"], "empty.npy is not a .npy file"),
-  "@ npz archive": ([*RUN, "--input", "@{ws}/x.npz"], "x.npz is a .npz archive"),
-  "@ corrupt header": ([*RUN, "--input", "@{ws}/bad_header.npy"], "bad_header.npy is a corrupt .npy file"),
-  "@ header cut short": ([*RUN, "--input", "@{ws}/magic_only.npy"], "magic_only.npy is a corrupt .npy file"),
-  "@ truncated data": ([*RUN, "--input", "@{ws}/truncated.npy"], "truncated.npy is truncated"),
-  "@ pickled objects": ([*RUN, "--input", "@{ws}/objects.npy"], "got object[2] from --input"),
-  "@ wrong shape": ([*RUN, "--input", "@{ws}/x83.npy"], "got float32[8, 3] from --input '@"),
-  "@ wrong dtype": ([*RUN, "--input", "@{ws}/x64.npy"], "got float64[8, 2] from --input '@"),
-  "@ large file": ([*RUN, "--input", "@{ws}/big.npy"], "got float32[1000, 1000] from --input '@"),
-  "@ header claims 40 GB": ([*RUN, "--input", "@{ws}/claims_40gb.npy"], "claims_40gb.npy is truncated"),
-  # run --output
-  "--output in a missing directory": (
-    [*RUN, "--input", "8x2xf32", "--output", "{ws}/missing/y.npy"],
-    "--output '{ws}/missing/y.npy': the directory {ws}/missing does not exist",
-  ),
-  "--output is a directory": (
-    [*RUN, "--input", "8x2xf32", "--output", "{ws}/folder.npy"],
-    "folder.npy' is a directory",
-  ),
-  "--output under a file": ([*RUN, "--input", "8x2xf32", "--output", "{ws}/a_file/y.npy"], "a_file is not a directory"),
-  # inspect and check on bad artifact directories
-  "inspect missing artifact": (["inspect", "/nonexistent"], "inspect: ArtifactError: /nonexistent is not an nnx-metal"),
-  "inspect file": (["inspect", "{ws}/a_file"], "a_file is not an nnx-metal artifact: it is not a directory"),
-  "inspect empty directory": (
-    ["inspect", "{ws}/empty_dir"],
-    "empty_dir is not an nnx-metal artifact: it has no manifest",
-  ),
-  "inspect missing module": (["inspect", "{ws}/no_module"], "module.vmfb is missing"),
-  "inspect garbage manifest": (["inspect", "{ws}/garbage_manifest"], "manifest.json is not valid JSON"),
-  "inspect foreign manifest": (["inspect", "{ws}/foreign_manifest"], "manifest.json is not an nnx-metal manifest"),
-  "inspect manifest is a directory": (["inspect", "{ws}/manifest_is_dir"], "manifest.json is not a regular file"),
-  "inspect edited manifest": (["inspect", "{ws}/edited_manifest"], "functions.eval.dispatch_count must be an integer"),
-  "inspect --json bad artifact": (["inspect", "{ws}/corrupt_module", "--json"], "module.vmfb is corrupt"),
-  "inspect --html missing artifact": (["inspect", "/nonexistent", "--html", "{ws}/r.html"], "/nonexistent is not an"),
-  "inspect --html corrupt module": (
-    ["inspect", "{ws}/corrupt_module", "--html", "{ws}/r.html"],
-    "module.vmfb is corrupt",
-  ),
-  "inspect --html garbage manifest": (
-    ["inspect", "{ws}/garbage_manifest", "--html", "{ws}/r.html"],
-    "is not valid JSON",
-  ),
-  "inspect --html is a directory": (
-    ["inspect", "{built}", "--html", "{ws}/report_dir"],
-    "--html '{ws}/report_dir' is a directory",
-  ),
-  "inspect --html under a file": (["inspect", "{built}", "--html", "{ws}/a_file/r.html"], "a_file is not a directory"),
-  "check missing artifact": (["check", "/nonexistent"], "check: ArtifactError: /nonexistent is not an nnx-metal"),
-  "check empty directory": (["check", "{ws}/empty_dir"], "empty_dir is not an nnx-metal artifact"),
-  "check garbage manifest": (["check", "{ws}/garbage_manifest"], "manifest.json is not valid JSON"),
-  "check corrupt module": (["check", "{ws}/corrupt_module"], "module.vmfb is corrupt"),
-  "check manifest is a directory": (["check", "{ws}/manifest_is_dir"], "manifest.json is not a regular file"),
-  "check garbage SPIR-V": (["check", "{ws}/garbage_spirv"], "check: SpirvError: "),
-  # bench
-  "bench unknown model": (["bench", "--models", "nope"], "--models: unknown model(s) 'nope'; choose from "),
-  "bench unknown realistic model": (
-    ["bench", "--realistic", "resnet50"],
-    "--realistic: unknown model(s) 'resnet50'; choose from mlp_784_1024x4",
-  ),
-  "bench one unknown model": (
-    ["bench", "--models", "mlp", "nope", "linera"],
-    "unknown model(s) 'nope', 'linera'; choose from",
-  ),
-  "bench --out is a file": (
-    ["bench", "--models", "linear", "--out", "{ws}/a_file"],
-    "--out '{ws}/a_file' exists and is not a directory",
   ),
 }
 
 # argparse's own usage errors: usage, then one error line, exit status 2.
-USAGE_ERRORS = {
-  "no command": ([], "the following arguments are required: COMMAND"),
-  "unknown command": (["compile"], "invalid choice: 'compile'"),
-  "build without --out": (
-    ["build", "nnx_models:MLP", "--input", "8x2xf32"],
-    "the following arguments are required: --out",
-  ),
-  "build unknown target": ([*BUILD_MLP, "--target", "nope"], "argument --target: invalid choice: 'nope'"),
-  "build unknown mode": ([*BUILD_MLP, "--mode", "nope"], "argument --mode: invalid choice: 'nope'"),
-  "build --seed not an integer": ([*BUILD_MLP, "--seed", "x"], "argument --seed: invalid int value: 'x'"),
-  "run without --function": (["run", "{built}"], "the following arguments are required: --function"),
-  "bench --rounds 0": (["bench", "--rounds", "0"], "argument --rounds: 0 is less than 1"),
-  "bench --calls -1": (["bench", "--calls", "-1"], "argument --calls: -1 is less than 1"),
-  "bench --rounds not an integer": (["bench", "--rounds", "x"], "argument --rounds: 'x' is not an integer"),
-}
+USAGE_ERRORS = _cases("usage_errors")
 
 # A few of the cases again through a real process, as a user runs them.
 IN_A_PROCESS = [
