@@ -85,7 +85,7 @@ def test_a_parity_error_is_highlighted(tmp_path):
 
 
 def test_manifest_text_is_escaped(tmp_path):
-  """The model's description is free text in a saved manifest: the page shows it, never runs it as HTML."""
+  """The model's description is free text (any string a manifest holds): the page shows it, never runs it as HTML."""
   args = ZOO["linear"].example_args(BATCH, 0)
   artifact = nnxc.export(ZOO["linear"].make(0), {"f": nnxc.method("__call__", *args)})
   script = "<script>alert(1)</script>"
