@@ -5,12 +5,15 @@
 @x.npy           an array saved with ``np.save`` (its header is read first)
 """
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
+import stat
 import warnings
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -137,21 +140,44 @@ class InputValue:
     """The array: filled, or read from the ``.npy`` file (checked against its header)."""
     if self.path is None:
       return np.full(self.shape, self.fill, dtype=self.dtype)
-    try:
-      array = np.load(self.path, allow_pickle=False)
-    except OSError as e:
-      raise UsageError(f"--input {self.spec!r}: cannot read {self.path} ({e.strerror or e})") from None
-    except (ValueError, EOFError) as e:
-      raise UsageError(f"--input {self.spec!r}: {self.path} is a corrupt .npy file ({first_line(e)})") from None
+    with open_regular_file(self.spec, self.path) as f:
+      try:
+        array = np.load(f, allow_pickle=False)
+      except OSError as e:
+        raise UsageError(f"--input {self.spec!r}: cannot read {self.path} ({e.strerror or e})") from None
+      except MemoryError:
+        raise UsageError(f"--input {self.spec!r}: {self.path} is too large to read into memory") from None
+      except Exception as e:  # numpy's reader on the user's bytes: whatever it raises, the file is corrupt
+        raise UsageError(f"--input {self.spec!r}: {self.path} is a corrupt .npy file ({first_line(e)})") from None
     if not isinstance(array, np.ndarray) or array.shape != self.shape or array.dtype.name != self.dtype:
       raise UsageError(f"--input {self.spec!r}: {self.path} changed while nnx-metal read it; try again")
     return array
 
 
+_FILE_KINDS = {stat.S_IFDIR: "Is a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+
+
+@contextlib.contextmanager
+def open_regular_file(spec: str, path: str) -> Iterator[BinaryIO]:
+  """``path`` opened for reading if it is a regular file: a FIFO, device or directory is refused, never waited on."""
+  try:
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+  except OSError as e:
+    raise UsageError(f"--input {spec!r}: cannot read {path} ({e.strerror or e})") from None
+  kind = stat.S_IFMT(os.fstat(descriptor).st_mode)
+  if kind != stat.S_IFREG:
+    os.close(descriptor)
+    why = _FILE_KINDS.get(kind, "not a regular file")
+    raise UsageError(f"--input {spec!r}: cannot read {path} ({why}); pass a .npy file saved with np.save")
+  os.set_blocking(descriptor, True)
+  with os.fdopen(descriptor, "rb") as f:
+    yield f
+
+
 def _npy_header(spec: str, path: str) -> tuple[tuple[int, ...], np.dtype]:
   """The shape and dtype a ``.npy`` file declares, read from its header only; checks the data is all there."""
-  try:
-    with open(path, "rb") as f:
+  with open_regular_file(spec, path) as f:
+    try:
       magic = f.read(6)
       if magic.startswith(b"PK\x03\x04"):
         raise UsageError(f"--input {spec!r}: {path} is a .npz archive; pass one array saved with np.save")
@@ -169,10 +195,12 @@ def _npy_header(spec: str, path: str) -> tuple[tuple[int, ...], np.dtype]:
           )
         shape, _, dtype = read_header[version](f)
       data_bytes = os.fstat(f.fileno()).st_size - f.tell()
-  except OSError as e:
-    raise UsageError(f"--input {spec!r}: cannot read {path} ({e.strerror or e})") from None
-  except (ValueError, TypeError, EOFError, SyntaxError) as e:
-    raise UsageError(f"--input {spec!r}: {path} is a corrupt .npy file ({first_line(e)}); save it again") from None
+    except UsageError:
+      raise
+    except OSError as e:
+      raise UsageError(f"--input {spec!r}: cannot read {path} ({e.strerror or e})") from None
+    except Exception as e:  # numpy's header parser on the user's bytes (ValueError, tokenize.TokenError, ...)
+      raise UsageError(f"--input {spec!r}: {path} is a corrupt .npy file ({first_line(e)}); save it again") from None
   if all(isinstance(d, int) and d >= 0 for d in shape) and not dtype.hasobject:
     needed = math.prod(shape) * dtype.itemsize
     if data_bytes < needed:

@@ -13,12 +13,14 @@ else is a bug of nnx-metal and keeps its traceback.
 """
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import json
 import os
 import pathlib
 import re
+import stat
 import sys
 import sysconfig
 import threading
@@ -35,6 +37,8 @@ from ._hazards import find_races
 from ._targets import TARGET_NAMES
 from .runtime import Artifact
 
+# Manifest fields the module does not record, so only a pinned digest vouches for them.
+UNAUTHENTICATED_FIELDS = ("model", "objects", "versions", "flags", "dispatches", "rewrites", "hazard_check")
 _DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -95,10 +99,10 @@ def _concerns(error: OSError, where: pathlib.Path) -> bool:
   return failed == where or where in failed.parents or failed in where.parents
 
 
-def open_artifact(path: pathlib.Path) -> Artifact:
+def open_artifact(path: pathlib.Path, *, digest: str | None = None) -> Artifact:
   """``Artifact.open``, with a file system error about the directory as a usage error."""
   try:
-    return Artifact.open(path)
+    return Artifact.open(path, digest=digest)
   except OSError as e:
     if not _concerns(e, path):
       raise
@@ -155,6 +159,9 @@ def _parse_literal(text: str):
     return json.loads(text)
   except json.JSONDecodeError:
     return text
+  except (ValueError, RecursionError) as e:  # JSON Python will not read: over 4300 digits, or nested too deep
+    shown = text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+    raise UsageError(f"--args: {shown!r} cannot be read ({first_line(e)}); pass smaller values") from None
 
 
 def _methods(model: Any) -> list[str]:
@@ -210,6 +217,43 @@ def progress(message: str) -> Iterator[None]:
     done.set()
     thread.join()
   print(f"  done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)  # not after a failure
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+  """``text`` with control, bidirectional and surrogate characters escaped: manifest text cannot drive the terminal."""
+  return _CONTROL.sub(lambda match: ascii(match.group())[1:-1], text)
+
+
+def _check_regular_file(path: pathlib.Path, option: str) -> None:
+  """A file the user names for writing may be new or a regular file; a FIFO or device would block or mislead."""
+  try:
+    info = os.stat(path)
+  except OSError:
+    return
+  if not stat.S_ISREG(info.st_mode) and not stat.S_ISDIR(info.st_mode):
+    raise UsageError(f"{option} {str(path)!r} exists and is not a regular file (a FIFO or device); choose a file name")
+
+
+def _write_output(path: pathlib.Path, array: np.ndarray) -> None:
+  """``np.save`` to ``path``, opened without blocking: a FIFO or device put there after the checks is refused."""
+  flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+  try:
+    descriptor = os.open(path, flags, 0o666)
+  except OSError as e:
+    raise UsageError(f"--output {str(path)!r}: cannot write it ({e.strerror or e})") from None
+  if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+    os.close(descriptor)
+    raise UsageError(f"--output {str(path)!r} is not a regular file (a FIFO or device); choose a file name")
+  os.set_blocking(descriptor, True)
+  try:
+    with os.fdopen(descriptor, "wb") as f:
+      f.truncate(0)
+      np.save(f, array)
+  except OSError as e:
+    raise UsageError(f"--output {str(path)!r}: cannot write it ({e.strerror or e})") from None
 
 
 def _check_out(out: pathlib.Path) -> None:
@@ -300,9 +344,10 @@ def run(options: argparse.Namespace) -> int:
   if options.output is not None:
     text = os.fspath(options.output)
     output = pathlib.Path(text if text.endswith(".npy") else f"{text}.npy")  # as np.save names it
-    if output.is_dir():
-      raise UsageError(f"--output {str(options.output)!r} is a directory; give a file name such as y.npy")
+    if not text or text.endswith(("/", os.sep)) or os.path.isdir(text) or output.is_dir():
+      raise UsageError(f"--output {text!r} is a directory; give a file name such as y.npy")
     _check_can_create(output, "--output", parent_must_exist=True)
+    _check_regular_file(output, "--output")
     if not function.outputs:
       raise UsageError(f"--output: {function.name} returns no arrays, so there is nothing to save")
   program = artifact.load(device=options.device)
@@ -313,24 +358,34 @@ def run(options: argparse.Namespace) -> int:
     print(f"result[{index}]: {array.dtype}{list(array.shape)}")
     print(np.array2string(array, threshold=20, precision=5))
   if options.output is not None:
-    try:
-      np.save(options.output, np.asarray(leaves[0]))
-    except OSError as e:
-      if not _concerns(e, output.parent):
-        raise
-      raise UsageError(f"--output {str(options.output)!r}: cannot write it ({e.strerror or e})") from None
+    _write_output(output, np.asarray(leaves[0]))
   return 0
 
 
+def _artifact_file(path: pathlib.Path, artifact_directory: pathlib.Path, artifact: Artifact) -> str | None:
+  """The file of the artifact that ``path`` is (by name, link or hard link), or None."""
+  for relative in ["manifest.json", *artifact.manifest.files]:
+    with contextlib.suppress(OSError):
+      if os.path.samefile(path, artifact_directory / relative):
+        return relative
+  return None
+
+
 def inspect(options: argparse.Namespace) -> int:
-  artifact = open_artifact(options.artifact)
+  artifact = open_artifact(options.artifact, digest=options.digest)
   manifest = artifact.manifest
   if options.html:
     from ._report import write_report
 
     if options.html.is_dir():
       raise UsageError(f"--html {str(options.html)!r} is a directory; give a file name such as report.html")
+    replaced = _artifact_file(options.html, options.artifact, artifact)
+    if replaced is not None:
+      raise UsageError(
+        f"--html {str(options.html)!r} is the artifact's {replaced}; give another file name such as report.html"
+      )
     _check_can_create(options.html, "--html")
+    _check_regular_file(options.html, "--html")
     try:
       with progress(f"writing the report of {options.artifact}"):
         write_report(artifact, options.html)
@@ -343,14 +398,27 @@ def inspect(options: argparse.Namespace) -> int:
   if options.json:
     print(manifest.to_json(), end="")
     return 0
-  print(f"{manifest.model} for {manifest.target.name} (iree {manifest.versions.get('iree-base-compiler', '?')})")
-  print(f"SPIR-V race check: {manifest.hazard_check}")
-  print("functions:")
-  for spec in artifact.functions.values():
-    print(f"  {spec.signature()}: {spec.dispatch_count} dispatches, updates {len(spec.updates)}")
-  print("state:")
-  for variable in artifact.state:
-    print(f"  {variable.name:<40} {variable.variable_type:<12} {variable.dtype}{list(variable.shape)}")
+  lines = [
+    f"{manifest.model} for {manifest.target.name} (iree {manifest.versions.get('iree-base-compiler', '?')})",
+    f"SPIR-V race check: {manifest.hazard_check} (recorded at export; `nnx-metal check` re-checks the kernels)",
+    "functions:",
+    *(
+      f"  {spec.signature()}: {spec.dispatch_count} dispatches, updates {len(spec.updates)}"
+      for spec in artifact.functions.values()
+    ),
+    "state:",
+    *(f"  {v.name:<40} {v.variable_type:<12} {v.dtype}{list(v.shape)}" for v in artifact.state),
+    f"digest: {artifact.digest}",
+  ]
+  if options.digest is None:
+    lines.append(
+      f"not authenticated without --digest (the module does not record them): {', '.join(UNAUTHENTICATED_FIELDS)}; "
+      "pass the digest recorded at export to trust them"
+    )
+  else:
+    lines.append("every field authenticated by --digest")
+  for line in lines:
+    print(printable(line))
   return 0
 
 
@@ -441,13 +509,16 @@ def make_parser() -> argparse.ArgumentParser:
     help="IREE driver (default: the target's; on cpu, local-task where a function costs 40 MFLOP or more, "
     "else local-sync)",
   )
-  p.add_argument("--output", type=pathlib.Path, help="save the first result as .npy")
+  p.add_argument("--output", help="save the first result as .npy")
 
   p = _command(
     commands, inspect, "inspect", "describe an artifact", "Print an artifact's functions, dispatches and state."
   )
   p.add_argument("artifact", type=pathlib.Path)
   p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+  p.add_argument(
+    "--digest", help="the artifact's digest as recorded at export: refuse any other files, and trust every field"
+  )
   p.add_argument(
     "--html", type=pathlib.Path, help="write the HTML report (treescope state, functions, MSL) to this file"
   )
@@ -486,12 +557,12 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return options.handler(options)
   except UsageError as e:
-    print(f"nnx-metal: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+    print(printable(f"nnx-metal: error: {' '.join(str(e).splitlines())}"), file=sys.stderr)
   except NnxMetalError as e:
     first, *rest = str(e).splitlines() or [""]
-    print(f"nnx-metal {options.command}: {type(e).__name__}: {first}", file=sys.stderr)
+    print(printable(f"nnx-metal {options.command}: {type(e).__name__}: {first}"), file=sys.stderr)
     if rest:  # compiler diagnostics: kept, but after the one-line summary
-      print("\n".join(rest), file=sys.stderr)
+      print("\n".join(map(printable, rest)), file=sys.stderr)
   return 2
 
 
