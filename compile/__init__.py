@@ -12,24 +12,24 @@ on first use.
 
 import importlib
 
-from ._errors import ArtifactError as ArtifactError
-from ._errors import CompileError as CompileError
-from ._errors import DeviceUnavailableError as DeviceUnavailableError
-from ._errors import ExecutionError as ExecutionError
-from ._errors import HazardError as HazardError
-from ._errors import NnxMetalError as NnxMetalError
-from ._errors import SignatureError as SignatureError
-from ._errors import StateMismatchError as StateMismatchError
-from ._errors import UnknownTargetError as UnknownTargetError
-from ._errors import UnsupportedOpError as UnsupportedOpError
 from ._hazards import Race as Race
 from ._hazards import find_races as find_races
-from ._targets import TARGET_NAMES as TARGET_NAMES
 from ._targets import Target as Target
 from ._targets import get_target as get_target
+from .runtime import TARGET_NAMES as TARGET_NAMES
 from .runtime import Artifact as Artifact
+from .runtime import ArtifactError as ArtifactError
+from .runtime import CompileError as CompileError
+from .runtime import DeviceUnavailableError as DeviceUnavailableError
+from .runtime import ExecutionError as ExecutionError
+from .runtime import HazardError as HazardError
+from .runtime import NnxMetalError as NnxMetalError
 from .runtime import Program as Program
 from .runtime import ProgramFunction as ProgramFunction
+from .runtime import SignatureError as SignatureError
+from .runtime import StateMismatchError as StateMismatchError
+from .runtime import UnknownTargetError as UnknownTargetError
+from .runtime import UnsupportedOpError as UnsupportedOpError
 from .runtime import load_program as load_program
 from .runtime import register_variable_type as register_variable_type
 

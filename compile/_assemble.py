@@ -11,9 +11,7 @@ write every global, for moving state between the device and the host.
 import re
 
 from ._lower import Lowered
-from .runtime._artifact import PARAMETER_SCOPE
-from .runtime._manifest import GET_STATE, SET_STATE, global_names
-from .runtime._module_check import INTERFACE, STATE_ORDER
+from .runtime import GET_STATE, INTERFACE, PARAMETER_SCOPE, SET_STATE, STATE_ORDER, global_names
 
 
 def _signless(tensor_type: str) -> str:

@@ -19,8 +19,7 @@ from collections.abc import Mapping
 from ._iree import Binary, compile_module, module_flags
 from ._stablehlo import OpSite
 from ._targets import Target
-from .runtime._artifact import package_version, sha256
-from .runtime._manifest import is_safe_file_name
+from .runtime import is_safe_file_name, package_version, sha256
 
 ENTRY_FORMAT = 3
 _META_FIELDS = ("flags", "dispatches", "compile_seconds", "calls")

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ._errors import SignatureError
+from .runtime import SignatureError
 
 # Element type suffixes of --input, as iree-run-module spells them.
 _DTYPES = {

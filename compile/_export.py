@@ -18,7 +18,6 @@ from flax import nnx
 
 from ._assemble import assemble
 from ._cache import CompileCache, compile_cached, toolchain_versions
-from ._errors import CompileError, HazardError
 from ._hazards import find_races
 from ._iree import Binary, origin_sites
 from ._layout import Leaf, StateLayout
@@ -26,21 +25,26 @@ from ._lower import Lowered, lower_function, method_caller, model_name_of
 from ._rewrites import CONTRACTIONS
 from ._stablehlo import check_target_support
 from ._targets import Target, get_target
-from .runtime import _dtypes
-from .runtime._artifact import MODULE, Artifact, sha256
-from .runtime._manifest import (
+from .runtime import (
   MLIR,
+  MODULE,
+  Artifact,
+  CompileError,
   Function,
+  HazardError,
   Manifest,
-  TargetInfo,
   Tensor,
   Variable,
+  class_path,
+  device_dtype_name,
   function_name_problem,
   global_names,
   interface,
   path_name,
+  register_variable_type,
+  sha256,
+  user_metadata,
 )
-from .runtime._variables import class_path, register_variable_type, user_metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +111,7 @@ def output_structure(treedef: Any) -> dict[str, Any]:
 
 
 def _tensor(leaf: Leaf, target: Target) -> Tensor:
-  return Tensor(leaf.name, leaf.shape, leaf.dtype, _dtypes.device_dtype_name(leaf.dtype, target.demote_f64))
+  return Tensor(leaf.name, leaf.shape, leaf.dtype, device_dtype_name(leaf.dtype, target.demote_f64))
 
 
 def _variables(state: nnx.State, layout: StateLayout, names: list[str], target: Target) -> tuple[Variable, ...]:
@@ -335,7 +339,7 @@ def _manifest(objects, layout, target, binary, variables, specs, lowered, hazard
     model=class_path(type(root)),
     objects={key: class_path(type(obj)) for key, obj in objects.items()} if isinstance(objects, dict) else None,
     graphdef_fingerprint=graphdef_fingerprint(objects, layout),
-    target=TargetInfo(target.name, target.backend, target.drivers, target.demote_f64),
+    target=target.runtime,
     flags=binary.flags,
     versions=toolchain_versions(),
     compile_seconds=binary.compile_seconds,

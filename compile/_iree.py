@@ -18,9 +18,9 @@ from collections.abc import Mapping
 
 from iree import compiler as ireec
 
-from ._errors import CompileError
 from ._stablehlo import OpSite, site_tags
 from ._targets import Target, device_targets_attribute
+from .runtime import CompileError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ._errors import StateMismatchError
-from .runtime._manifest import path_name
+from .runtime import StateMismatchError, path_name
 
 
 @dataclasses.dataclass(frozen=True)

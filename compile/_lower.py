@@ -10,10 +10,10 @@ import numpy as np
 from flax import nnx
 
 from . import _rewrites
-from ._errors import StateMismatchError
 from ._layout import Leaf, StateLayout
 from ._stablehlo import OpSite, clean_for_iree, embeddable_functions, module_text
 from ._targets import Target, get_target
+from .runtime import StateMismatchError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,10 +17,8 @@ import numpy as np
 import treescope
 from flax import nnx
 
-from ._errors import ArtifactError
 from ._layout import value_of, variable_type_of
-from .runtime import Artifact, Program
-from .runtime._manifest import path_name
+from .runtime import Artifact, ArtifactError, Program, path_name
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; }

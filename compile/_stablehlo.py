@@ -13,8 +13,8 @@ import re
 import numpy as np
 from jax.extend.mlir import ir
 
-from ._errors import UnsupportedOpError
 from ._targets import Target
+from .runtime import UnsupportedOpError
 
 # Custom calls that only annotate sharding: the identity on a single device.
 _SHARDING_CALLS = frozenset({"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"})

@@ -12,9 +12,15 @@ import dataclasses
 import functools
 import re
 import shutil
-from collections.abc import Iterable
 
-from ._errors import UnknownTargetError
+from .runtime import (
+  CPU_KERNEL_STACK,
+  RUNTIME_TARGETS,
+  STANDIN_SUBGROUP_SIZE,
+  TARGET_NAMES,
+  RuntimeTarget,
+  UnknownTargetError,
+)
 
 # IREE's HAL has no element type for these MX float formats (iree-compile 3.13
 # fails with "'hal.element_type' op unsupported element type" on every target).
@@ -25,42 +31,43 @@ COMMON_REWRITES = ("decompose_select_and_scatter",)
 # The cpu only: the gathered windows cost a kernel each, a price a GPU pays per launch.
 CPU_REWRITES = (*COMMON_REWRITES, "kernel_gradients_as_products")
 SPIRV_REWRITES = ("widen_bfloat16", *COMMON_REWRITES, "split_grouped_convolutions", "isolate_reductions")
-# lavapipe (Mesa 22.3) runs subgroup operations over at most 16 lanes: with
-# LP_NATIVE_VECTOR_WIDTH=1024 it reports 32 but a subgroup reduction adds only 16.
-STANDIN_SUBGROUP_SIZE = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """One IREE compile target.
+  """One IREE compile target: what the runtime knows of it (``runtime``) and how to compile for it.
 
   Attributes:
-    name: nnx-metal's name for it (``metal``, ``metal-vulkan``, ``vulkan``, ``cpu``, ``cuda``).
-    backend: the iree-compile HAL backend.
-    drivers: iree-runtime drivers that can run its modules, preferred first.
+    runtime: its name, backend, drivers and f64 demotion, as artifacts record them.
     flags: the iree-compile flags that select it.
-    demote_f64: whether f64 is held as f32 (see ``docs/dtypes.md``).
     unsupported_types: ``(MLIR element type prefix, why and what to do)`` it cannot compile.
     spirv: whether its kernels are SPIR-V (dumped, validated, checked for races).
-    rewrites: the StableHLO rewrites its code generation needs (``compile/_rewrites.py``).
+    rewrites: the StableHLO rewrites its code generation needs (``compile.rewrites``).
     description: for a SPIR-V target, the IREE GPU target description to compile with
       instead of the backend's default (the stand-in), else None.
-    subgroup_size: the subgroup width its kernels assume, where the runtime must check it.
     speed_flags: optimizations that are not needed for correctness; ``export`` compiles
       again without them where iree-compile fails with them.
   """
 
-  name: str
-  backend: str
-  drivers: tuple[str, ...]
+  runtime: RuntimeTarget
   flags: tuple[str, ...]
-  demote_f64: bool = False
   unsupported_types: tuple[tuple[str, str], ...] = _NO_HAL_ELEMENT_TYPE
   spirv: bool = False
   rewrites: tuple[str, ...] = ()
   description: str | None = None
-  subgroup_size: int | None = None
   speed_flags: tuple[str, ...] = ()
+
+  @property
+  def name(self) -> str:
+    return self.runtime.name
+
+  @property
+  def backend(self) -> str:
+    return self.runtime.backend
+
+  @property
+  def demote_f64(self) -> bool:
+    return self.runtime.demote_f64
 
 
 # Apple GPUs have no f64: on the SPIR-V targets f64 is demoted to f32 at compile
@@ -73,48 +80,6 @@ _DEMOTE_F64 = ("--iree-input-demote-f64-to-f32",)
 _KEEP_F64 = ("--iree-input-demote-f64-to-f32=false",)
 
 METAL_PLATFORMS = ("macos", "ios")
-TARGET_NAMES = ("metal", "metal-vulkan", "vulkan", "cpu", "cuda")
-
-
-@dataclasses.dataclass(frozen=True)
-class RuntimeInfo:
-  """What running a target's modules needs to know, without a compiler.
-
-  Attributes:
-    drivers: iree-runtime drivers that can run its modules, preferred first.
-    demote_f64: whether the device holds f64 as f32.
-    subgroup_size: the subgroup width its kernels assume, where the device must be checked.
-    parallel_driver: the driver for programs with a function of at least
-      ``PARALLEL_MIN_FLOPS`` a call, where it is not the first.
-  """
-
-  drivers: tuple[str, ...]
-  demote_f64: bool
-  subgroup_size: int | None = None
-  parallel_driver: str | None = None
-
-  def default_driver(self, flops_per_call: Iterable[float]) -> str:
-    """The driver ``artifact.load()`` picks for a program whose functions cost ``flops_per_call``."""
-    if self.parallel_driver and max(flops_per_call, default=0.0) >= PARALLEL_MIN_FLOPS:
-      return self.parallel_driver
-    return self.drivers[0]
-
-
-# IREE's thread pool (local-task) costs about 0.07 ms a call more than running on the
-# caller's thread (local-sync), and pays from about 40 MFLOP a call on 2 cores (3 chained
-# matrix products: 3.9x slower at 0.2 MFLOP, 1.25x at 25, 0.92x at 50, 0.61x at 1600).
-# More cores only lower the crossing, so a program with one function that large runs on
-# the pool.
-PARALLEL_MIN_FLOPS = 40e6
-
-
-RUNTIME = {
-  "metal": RuntimeInfo(("metal",), True),
-  "metal-vulkan": RuntimeInfo(("vulkan",), True, STANDIN_SUBGROUP_SIZE),
-  "vulkan": RuntimeInfo(("vulkan",), True),
-  "cpu": RuntimeInfo(("local-sync", "local-task"), False, parallel_driver="local-task"),
-  "cuda": RuntimeInfo(("cuda",), False),
-}
 
 
 def _metal(platform: str) -> Target:
@@ -129,7 +94,7 @@ def _metal(platform: str) -> Target:
     f"--iree-metal-compile-to-metallib={'true' if has_metal_toolchain else 'false'}",
     *_DEMOTE_F64,
   )
-  return Target("metal", "metal-spirv", RUNTIME["metal"].drivers, flags, True, spirv=True, rewrites=SPIRV_REWRITES)
+  return Target(RUNTIME_TARGETS["metal"], flags, spirv=True, rewrites=SPIRV_REWRITES)
 
 
 def _metal_vulkan() -> Target:
@@ -137,15 +102,7 @@ def _metal_vulkan() -> Target:
     r"subgroup_size_choices = \[\d+\]", f"subgroup_size_choices = [{STANDIN_SUBGROUP_SIZE}]", metal_description()
   )
   return Target(
-    "metal-vulkan",
-    "vulkan-spirv",
-    RUNTIME["metal-vulkan"].drivers,
-    _DEMOTE_F64,
-    True,
-    spirv=True,
-    rewrites=SPIRV_REWRITES,
-    description=description,
-    subgroup_size=STANDIN_SUBGROUP_SIZE,
+    RUNTIME_TARGETS["metal-vulkan"], _DEMOTE_F64, spirv=True, rewrites=SPIRV_REWRITES, description=description
   )
 
 
@@ -167,21 +124,15 @@ def _vulkan(vulkan_target: str | None) -> Target:
     flags = ("--iree-hal-target-backends=vulkan-spirv", f"--iree-vulkan-target={vulkan_target}", *_DEMOTE_F64)
     narrow = _without_16_bit_floats(_description_for(flags[:2]), vulkan_target)
     return Target(
-      "vulkan",
-      "vulkan-spirv",
-      RUNTIME["vulkan"].drivers,
+      RUNTIME_TARGETS["vulkan"],
       flags,
-      True,
       unsupported_types=_NO_HAL_ELEMENT_TYPE + narrow,
       spirv=True,
       rewrites=SPIRV_REWRITES,
     )
   return Target(
-    "vulkan",
-    "vulkan-spirv",
-    RUNTIME["vulkan"].drivers,
+    RUNTIME_TARGETS["vulkan"],
     _DEMOTE_F64,
-    True,
     spirv=True,
     rewrites=SPIRV_REWRITES,
     description=portable_vulkan_description(),
@@ -194,13 +145,7 @@ def _vulkan(vulkan_target: str | None) -> Target:
 # (a vector-matrix product of batch 1 in a train step: "'iree_codegen.load_from_buffer'
 # op buffer and tensor shapes must be compatible"): those compile without it.
 _CPU_DATA_TILING = ("--iree-opt-data-tiling=true", "--iree-llvmcpu-enable-ukernels=all")
-# A data-tiled product with its fused epilogue can need more than IREE's default
-# 32 KiB of stack per kernel (34 KiB in a transformer's train step, 66 KiB in a
-# 1024-wide MLP's). Split instead by export's isolation, the transformer's train step
-# failed at run time (IREE 3.13 recorded a copy into a command buffer with no binding
-# capacity), so kernels get 128 KiB, and the runtime gives local-task's worker threads
-# 1 MiB of stack instead of IREE's 128 KiB (compile/runtime/_device.py).
-CPU_KERNEL_STACK = 128 * 1024
+# cpu kernels get CPU_KERNEL_STACK of stack (see compile/runtime/_targets.py for why).
 _CPU_STACK = (f"--iree-llvmcpu-stack-allocation-limit={CPU_KERNEL_STACK}",)
 
 
@@ -212,12 +157,12 @@ def _cpu() -> Target:
     *_KEEP_F64,
   )
   speed = (*_CPU_DATA_TILING, *_CPU_STACK)
-  return Target("cpu", "llvm-cpu", RUNTIME["cpu"].drivers, flags, rewrites=CPU_REWRITES, speed_flags=speed)
+  return Target(RUNTIME_TARGETS["cpu"], flags, rewrites=CPU_REWRITES, speed_flags=speed)
 
 
 def _cuda(arch: str) -> Target:
   flags = ("--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}", *_KEEP_F64)
-  return Target("cuda", "cuda", RUNTIME["cuda"].drivers, flags, rewrites=COMMON_REWRITES)
+  return Target(RUNTIME_TARGETS["cuda"], flags, rewrites=COMMON_REWRITES)
 
 
 def get_target(

@@ -21,10 +21,9 @@ from flax import nnx
 
 from nnx_models import CATALOG, ZOO, CatalogEntry
 
-from ._errors import CompileError, DeviceUnavailableError
 from ._export import Export, export, function, method
 from ._targets import Target, get_target
-from .runtime import Artifact
+from .runtime import Artifact, CompileError, DeviceUnavailableError
 
 BATCH = 8
 PARITY_TOLERANCE = 1e-4  # normwise: max|a - b| <= tol * (1 + max|b|)

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from ._cli_inputs import UsageError, check_inputs, first_line, parse_input, parse_shape
-from ._errors import NnxMetalError
+from .runtime import NnxMetalError
 from ._hazards import find_races
-from ._targets import TARGET_NAMES
+from .runtime import TARGET_NAMES
 from .runtime import Artifact
 
 # Manifest fields the module does not record, so only a pinned digest vouches for them.

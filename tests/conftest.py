@@ -15,8 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import compile as nnxc  # noqa: E402
-from compile._targets import RUNTIME  # noqa: E402
-from compile.runtime._device import open_device  # noqa: E402
+from compile.runtime import RUNTIME_TARGETS, open_device  # noqa: E402
 
 # Mixed-dtype arithmetic must be explicit (the guide models broadcast ranks, so rank promotion stays on).
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -46,7 +45,7 @@ def skip_or_fail(name: str, reason: str):
 
 def require_device(target: str) -> None:
   """Skips (or fails, where required) when ``target``'s runtime device is missing or misconfigured."""
-  runtime = RUNTIME[target]
+  runtime = RUNTIME_TARGETS[target]
   try:
     open_device(runtime.drivers[0], subgroup_size=runtime.subgroup_size)
   except nnxc.DeviceUnavailableError as e:

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 import compile as nnxc
-from compile.runtime import _artifact, _manifest
+from compile.runtime import _artifact
+from compile.runtime._file_names import FORMAT_VERSION
 from nnx_models import ZOO
 from tests.conftest import assert_trees_allclose, require_device
 
@@ -44,7 +45,7 @@ def test_artifact_directory_holds_what_the_manifest_says(saved):
   names = {p.name for p in directory.iterdir()}
   assert {"manifest.json", "module.vmfb", "params.irpa", "module.mlir"} <= names
   manifest = json.loads((directory / "manifest.json").read_text())
-  assert manifest["format_version"] == _manifest.FORMAT_VERSION
+  assert manifest["format_version"] == FORMAT_VERSION
   assert manifest["model"] == "nnx_models._mlp:MLP"
   assert set(manifest["files"]) == {"module.vmfb", "params.irpa", "module.mlir"}
   assert manifest["target"]["name"] == "cpu" and "--iree-hal-target-device=local" in manifest["flags"]

@@ -14,7 +14,7 @@ from flax import nnx
 import compile as nnxc
 from compile._iree import compile_module
 from compile._stablehlo import clean_for_iree, module_text
-from compile.runtime._device import DeviceModule, open_device
+from compile.runtime import DeviceModule, open_device
 from tests.conftest import RUNNABLE, require_device
 
 SPIRV = ["vulkan", "metal-vulkan"]

@@ -1,15 +1,6 @@
 """Artifacts: an exported program as a directory you can ship, verified before anything in it is used.
 
-Layout::
-
-  manifest.json   what the module is (see _manifest.py), with the sha256 of every other file
-  module.vmfb     the IREE module
-  params.irpa     the state, one entry per variable (IREE parameter archive)
-  module.mlir     the MLIR that was compiled
-  msl/            Metal Shading Language source per kernel (metal)
-  spirv/          SPIR-V per kernel (metal, metal-vulkan, vulkan), to re-check for races
-
-Opening reads only the files the manifest names, through the directory's handle
+Its files are listed in _file_names.py. Opening reads only the files the manifest names, through the directory's handle
 (no ``..``, no absolute paths, no symbolic links; see _files.py), checks their
 hashes, checks the manifest against the module (_module_check.py), and reads the
 parameters from the verified bytes by the manifest's types after checking their
@@ -27,25 +18,16 @@ import pathlib
 from typing import Any
 
 import numpy as np
-from iree import runtime as rt
 
-from .._errors import ArtifactError
-from . import _dtypes
+from ._errors import ArtifactError
+from ._file_names import FORMAT, MANIFEST, MAX_MANIFEST_BYTES, MODULE, PARAMS, is_safe_file_name, kernel_files
 from ._files import reading, save_directory
-from ._manifest import (
-  FORMAT,
-  MANIFEST,
-  MAX_MANIFEST_BYTES,
-  MODULE,
-  PARAMS,
-  Function,
-  Manifest,
-  Variable,
-  is_safe_file_name,
-)
+from ._manifest import Manifest
 from ._module_check import check_module
-
-PARAMETER_SCOPE = "model"
+from ._params import params_index, read_params
+from ._program import Program
+from ._records import Function, Variable
+from ._variables import nnx_state
 
 
 def package_version(name: str) -> str:
@@ -57,57 +39,6 @@ def package_version(name: str) -> str:
 
 def sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
-
-
-def _plain(array: np.ndarray) -> np.ndarray:
-  # iree.runtime knows no ml_dtypes (bfloat16, float8): archive their bytes as unsigned integers.
-  array = np.ascontiguousarray(array)
-  return array.view(f"u{array.dtype.itemsize}") if array.dtype.kind == "V" else array
-
-
-def params_index(params: dict[str, np.ndarray]) -> rt.ParameterIndex:
-  """A parameter index holding ``params`` (global name -> array), as IREE's parameter modules read it."""
-  index = rt.ParameterIndex()
-  for name, array in params.items():
-    rt.parameter_index_add_numpy_ndarray(index, name, _plain(array))
-  return index
-
-
-def _entries(data: bytes) -> dict[str, Any]:
-  index = rt.ParameterIndex()
-  try:
-    index.load_from_file_handle(rt.FileHandle.wrap_memory(data), "irpa")
-    return {key: (entry.length, entry.is_splat, entry.file_view) for key, entry in index.items()}
-  except Exception as e:  # noqa: BLE001 - a native parser reading hostile bytes: whatever it raises, refuse
-    raise ArtifactError(f"{PARAMS} is not an IREE parameter archive ({type(e).__name__}: {e}).") from None
-
-
-def read_params(data: bytes, state: tuple[Variable, ...]) -> dict[str, np.ndarray]:
-  """The state's arrays from the verified bytes of an archive, as the manifest's dtypes, sizes checked first.
-
-  The archive is parsed from the bytes whose hash was checked, not from the file
-  again, and the arrays are copies: what was verified is what is used.
-  """
-  entries = _entries(data)
-  expected = {v.global_name for v in state}
-  if set(entries) != expected:
-    extra, missing = sorted(set(entries) - expected), sorted(expected - set(entries))
-    raise ArtifactError(
-      f"{PARAMS} does not hold this program's state (missing {missing[:3]}, unexpected {extra[:3]}): "
-      "it belongs to another export. Export the artifact again."
-    )
-  params = {}
-  for variable in state:
-    length, splat, view = entries[variable.global_name]
-    dtype = _dtypes.dtype(variable.dtype).numpy
-    nbytes = variable.size * dtype.itemsize
-    if splat or length != nbytes or len(view) < nbytes:
-      raise ArtifactError(
-        f"{PARAMS} holds {length} bytes for {variable.name}, which needs {nbytes} "
-        f"({variable.dtype}{list(variable.shape)}). The archive belongs to another export; export again."
-      )
-    params[variable.global_name] = np.frombuffer(view, dtype, count=variable.size).reshape(variable.shape).copy()
-  return params
 
 
 def _check_runtime_version(directory: pathlib.Path, manifest: Manifest) -> None:
@@ -176,28 +107,31 @@ class Artifact:
 
   def spirv(self) -> dict[str, bytes]:
     """``{kernel: SPIR-V binary}`` of every kernel (SPIR-V targets), for re-checking with ``compile.find_races``."""
-    return {path[6:-4]: data for path, data in self.files.items() if path.startswith("spirv/")}
+    return kernel_files(self.files, "spirv")
 
   def saved_state(self) -> Any:
     """The state the artifact holds, as an ``nnx.State`` (needs flax; no device)."""
-    from ._program import nnx_state
-
     return nnx_state(self.state, {v.name: self.params[v.global_name] for v in self.state})
 
   def with_params(self, params: dict[str, np.ndarray]) -> "Artifact":
     """The same program with other state values (e.g. after training)."""
     return Artifact(self.manifest, self.files, params)
 
-  def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+  def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> "Artifact":
     """Writes the artifact into ``directory``: complete, or not at all; the old artifact stays until the swap.
 
     Args:
       directory: where to write it. An existing artifact there is replaced.
       overwrite: also replace a ``directory`` that is not an nnx-metal artifact.
 
+    Returns:
+      The artifact as written: its manifest lists the sha256 of every file, and its
+      :attr:`digest` pins it (``self`` is left as it was).
+
     Raises:
       ArtifactError: ``directory`` holds something else and ``overwrite`` is False.
     """
+    written = []
 
     def may_replace(path: pathlib.Path) -> None:
       if not overwrite and not (path.is_dir() and not path.is_symlink() and is_artifact(path, lock=False)):
@@ -219,9 +153,10 @@ class Artifact:
       manifest = dataclasses.replace(self.manifest, files=hashes)
       text = manifest.to_json().encode()
       (tmp / MANIFEST).write_bytes(text)
-      self.manifest, self.digest = manifest, sha256(text)
+      written.append(Artifact(manifest, self.files, self.params, digest=sha256(text)))
 
-    return save_directory(directory, write, may_replace=may_replace)
+    save_directory(directory, write, may_replace=may_replace)
+    return written[0]
 
   @classmethod
   def open(cls, directory: str | os.PathLike, *, digest: str | None = None) -> "Artifact":
@@ -266,6 +201,9 @@ class Artifact:
     The default is the target's first driver; on ``cpu``, ``local-task`` (IREE's thread
     pool) instead of ``local-sync`` where a function costs 40 MFLOP a call or more.
     """
-    from ._program import Program
-
     return Program(self, device=device)
+
+
+def load_program(directory: str | os.PathLike, *, device: str | None = None, digest: str | None = None) -> Program:
+  """Opens, verifies and loads an artifact directory (see :meth:`Artifact.open`)."""
+  return Artifact.open(directory, digest=digest).load(device=device)

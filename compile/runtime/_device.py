@@ -1,4 +1,4 @@
-"""Calls an IREE module on a runtime device with numpy arrays: the one place that touches iree.runtime.
+"""Calls an IREE module on a runtime device with numpy arrays: the one place that runs modules.
 
 Every result is checked against what the caller expects (element type, shape, byte
 length) before its memory is read, so a wrong manifest cannot read past a buffer.
@@ -10,9 +10,9 @@ import re
 import numpy as np
 from iree import runtime as rt
 
-from .._errors import ArtifactError, DeviceUnavailableError, ExecutionError
-from .._targets import CPU_KERNEL_STACK
 from . import _dtypes
+from ._errors import ArtifactError, DeviceUnavailableError, ExecutionError
+from ._targets import CPU_KERNEL_STACK
 
 # 8 times the most stack a cpu kernel may take (IREE's own default is 128 KiB).
 TASK_WORKER_STACK = 8 * CPU_KERNEL_STACK
@@ -75,11 +75,6 @@ def open_device(driver: str, *, subgroup_size: int | None = None) -> rt.HalDevic
   return device
 
 
-def _plain(array: np.ndarray) -> np.ndarray:
-  """ml_dtypes arrays (bfloat16, float8) as unsigned integers of their size, which iree.runtime can copy."""
-  return array.view(f"u{array.dtype.itemsize}") if array.dtype.kind == "V" else array
-
-
 class DeviceModule:
   """One IREE module (a ``.vmfb``, with its parameter archives) loaded on a device. Not thread-safe."""
 
@@ -110,7 +105,7 @@ class DeviceModule:
       memory_type=_DEVICE_MEMORY,
       allowed_usage=_DEVICE_USAGE,
       device=self.device,
-      buffer=_plain(array),
+      buffer=_dtypes.plain(array),
       element_type=entry.hal,
     )
 

@@ -81,3 +81,8 @@ def hal_name(element_type: int) -> str:
 def native(array: np.ndarray) -> np.ndarray:
   """``array`` in native byte order (a big-endian float32 array is still float32)."""
   return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
+def plain(array: np.ndarray) -> np.ndarray:
+  """ml_dtypes arrays (bfloat16, float8) as unsigned integers of their size, which iree.runtime can copy."""
+  return array.view(f"u{array.dtype.itemsize}") if array.dtype.kind == "V" else array

@@ -2,7 +2,7 @@
 
 An IREE module (``.vmfb``) declares each exported function's signature, and nnx-metal's
 modules record in ``nnx_get_state``'s reflection the order of the state globals and
-the program's interface (``_manifest.interface``). A manifest that disagrees with any
+the program's interface (``_interface.interface``). A manifest that disagrees with any
 of them, or a module whose kernels are for another device, is refused: editing the
 manifest cannot change what a caller gets.
 """
@@ -11,25 +11,17 @@ import re
 
 from iree import runtime as rt
 
-from .._errors import ArtifactError
 from . import _dtypes
-from ._manifest import GET_STATE, MANIFEST, MODULE, SET_STATE, Manifest, Tensor
+from ._errors import ArtifactError
+from ._file_names import MANIFEST, MODULE
+from ._interface import GET_STATE, INTERFACE, SET_STATE, STATE_ORDER
+from ._manifest import Manifest
+from ._records import Tensor
 
-# nnx_get_state's reflection keys (written by compile/_assemble.py).
-STATE_ORDER = "nnx.state_globals"
-INTERFACE = "nnx.interface"
 _DECLARATION = re.compile(r"sync func @([\w$.]+)\((.*)\) -> \((.*)\)")
 _ARGUMENT = re.compile(
   r"%\w+: (tensor<(?:[^<>]|<[^<>]*>)*>)(?: \{iree\.abi\.encoding = (tensor<(?:[^<>]|<[^<>]*>)*>)\})?"
 )
-# The executable format of each target's kernels; its name is in the module.
-_KERNEL_FORMATS = {
-  "metal": b"metal-msl-fb",
-  "metal-vulkan": b"vulkan-spirv-fb",
-  "vulkan": b"vulkan-spirv-fb",
-  "cpu": b"embedded-elf-",
-  "cuda": b"cuda-nvptx-fb",
-}
 
 
 def tensor_type(tensor: Tensor) -> str:
@@ -57,7 +49,7 @@ def _check_declaration(module: rt.VmModule, name: str, inputs: list[str], output
 
 
 def _check(vmfb: bytes, manifest: Manifest) -> None:
-  kernels = _KERNEL_FORMATS[manifest.target.name]
+  kernels = manifest.target.kernel_format.encode()
   if kernels not in vmfb:
     raise ArtifactError(
       f"{MODULE} holds no {kernels.decode()} kernels, which a {manifest.target.name!r} module has: it was "

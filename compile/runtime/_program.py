@@ -7,19 +7,21 @@ threads: calls are serialized, because every call reads and writes the same devi
 """
 
 import os
-import pathlib
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._errors import SignatureError, StateMismatchError, UnknownTargetError
-from .._targets import RUNTIME
 from . import _dtypes, _variables
-from ._artifact import PARAMETER_SCOPE, Artifact, params_index
 from ._device import DeviceModule, open_device
-from ._manifest import GET_STATE, SET_STATE, Function, Tensor, Variable, path_name
+from ._errors import SignatureError, StateMismatchError, UnknownTargetError
+from ._interface import GET_STATE, PARAMETER_SCOPE, SET_STATE, path_name
+from ._params import params_index
+from ._records import Function, Tensor, Variable
+
+if TYPE_CHECKING:  # Artifact.load makes Programs; a Program only reads its artifact
+  from ._artifact import Artifact
 
 # nnx_get_state and nnx_set_state take a flag the compiler cannot see is always 1 (see compile/_assemble.py).
 _FLAG = np.array(1, np.int32)
@@ -104,9 +106,9 @@ class Program:
     >>> nnx.update(model, program.state())  # the device state, back in the eager model
   """
 
-  def __init__(self, artifact: Artifact, *, device: str | None = None):
+  def __init__(self, artifact: "Artifact", *, device: str | None = None):
     target = artifact.manifest.target
-    driver = device or RUNTIME[target.name].default_driver(f.flops for f in artifact.manifest.functions.values())
+    driver = device or target.default_driver(f.flops for f in artifact.manifest.functions.values())
     if driver not in target.drivers:
       raise UnknownTargetError(
         f"This artifact was compiled for {target.name!r}, which runs on the IREE driver(s) "
@@ -114,7 +116,7 @@ class Program:
       )
     self.artifact, self.driver = artifact, driver
     self._lock = threading.RLock()
-    device_handle = open_device(driver, subgroup_size=RUNTIME[target.name].subgroup_size)
+    device_handle = open_device(driver, subgroup_size=target.subgroup_size)
     self._module = DeviceModule(
       artifact.vmfb, device_handle, parameters={PARAMETER_SCOPE: params_index(artifact.params)}
     )
@@ -194,8 +196,8 @@ class Program:
     from flax import nnx
 
     predicate = nnx.filterlib.to_predicate(filter)
-    selected = [v for v in self.artifact.state if predicate(v.path, _placeholder(v))]
-    return nnx_state(selected, self.arrays([v.name for v in selected]))
+    selected = [v for v in self.artifact.state if predicate(v.path, _variables.placeholder(v))]
+    return _variables.nnx_state(selected, self.arrays([v.name for v in selected]))
 
   def load_state(self, source: Any, filter: Any = ..., *, complete: bool = False) -> None:
     """Pushes ``source`` (an ``nnx.State``, a module, or a dict of objects) to the device. All or nothing.
@@ -262,36 +264,7 @@ class Program:
     call.__name__ = name
     return call
 
-  def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+  def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> "Artifact":
     """Writes this program with its current device state as an artifact directory (see :meth:`Artifact.save`)."""
     params = {self._variables[name].global_name: array for name, array in self.arrays().items()}
     return self.artifact.with_params(params).save(directory, overwrite=overwrite)
-
-
-def nnx_state(variables: Iterable[Variable], arrays: dict[str, np.ndarray]) -> Any:
-  """The ``nnx.State`` of ``variables`` holding ``arrays`` (by variable name); needs flax."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  flat = []
-  for variable in variables:
-    value = jnp.asarray(np.asarray(arrays[variable.name]).astype(_dtypes.dtype(variable.dtype).numpy, copy=False))
-    if variable.key_impl:
-      value = jax.random.wrap_key_data(value, impl=variable.key_impl)
-    flat.append((variable.path, _variables.rebuild(variable, value)))
-  return nnx.from_flat_state(flat)
-
-
-def _placeholder(variable: Variable) -> Any:
-  """What an NNX filter sees of ``variable``: its Variable type holding a shape, or the plain array's shape."""
-  import jax
-
-  shape = jax.ShapeDtypeStruct(variable.shape, variable.dtype)
-  cls = _variables.resolve(variable)
-  return shape if cls is None else cls(shape)
-
-
-def load_program(directory: str | os.PathLike, *, device: str | None = None, digest: str | None = None) -> Program:
-  """Opens, verifies and loads an artifact directory (see :meth:`Artifact.open`)."""
-  return Artifact.open(directory, digest=digest).load(device=device)

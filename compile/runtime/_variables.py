@@ -8,10 +8,14 @@ flax.nnx's own Variable types and those registered with :func:`register_variable
 loading an artifact that holds them. Imports flax only when called.
 """
 
+from collections.abc import Iterable
 from typing import Any
 
-from .._errors import ArtifactError
-from ._manifest import Variable
+import numpy as np
+
+from . import _dtypes
+from ._errors import ArtifactError
+from ._records import Variable
 
 _REGISTERED: dict[str, type] = {}
 PLAIN_ARRAY = "Array"  # the variable type of a plain array in the State
@@ -89,3 +93,27 @@ def resolve(variable: Variable) -> type | None:
       "state (artifacts never import code), or read plain arrays with Program.arrays()."
     )
   return cls
+
+
+def nnx_state(variables: Iterable[Variable], arrays: dict[str, np.ndarray]) -> Any:
+  """The ``nnx.State`` of ``variables`` holding ``arrays`` (by variable name); needs flax."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  flat = []
+  for variable in variables:
+    value = jnp.asarray(np.asarray(arrays[variable.name]).astype(_dtypes.dtype(variable.dtype).numpy, copy=False))
+    if variable.key_impl:
+      value = jax.random.wrap_key_data(value, impl=variable.key_impl)
+    flat.append((variable.path, rebuild(variable, value)))
+  return nnx.from_flat_state(flat)
+
+
+def placeholder(variable: Variable) -> Any:
+  """What an NNX filter sees of ``variable``: its Variable type holding a shape, or the plain array's shape."""
+  import jax
+
+  shape = jax.ShapeDtypeStruct(variable.shape, variable.dtype)
+  cls = resolve(variable)
+  return shape if cls is None else cls(shape)

@@ -1,0 +1,79 @@
+"""The program's calling convention: the names a module and its callers agree on.
+
+A module exported by nnx-metal holds the State in globals named after the NNX paths
+(:func:`global_names`), reads and writes all of them through ``nnx_get_state`` and
+``nnx_set_state``, loads their initial values from the parameter archive under
+``PARAMETER_SCOPE``, and records its interface (:func:`interface`) and state order in
+``nnx_get_state``'s reflection, where opening an artifact compares them with the manifest.
+"""
+
+import json
+import re
+
+# The module's own functions that read and write every state global (see compile/_assemble.py).
+GET_STATE = "nnx_get_state"
+SET_STATE = "nnx_set_state"
+# nnx_get_state's reflection keys.
+STATE_ORDER = "nnx.state_globals"
+INTERFACE = "nnx.interface"
+# The parameter scope the module's globals are loaded from (``--parameters=model=params.irpa``).
+PARAMETER_SCOPE = "model"
+
+KEY_WORDS = {"threefry2x32": 2, "rbg": 4, "unsafe_rbg": 4}  # uint32 words per PRNG key
+KEY_IMPLS = tuple(KEY_WORDS)
+# Program attributes: an exported function may not be called like one of them.
+RESERVED_NAMES = frozenset(
+  {"artifact", "driver", "functions", "state", "arrays", "set_arrays", "load_state", "update", "save", "functional"}
+)
+IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+GLOBAL_NAME = re.compile(r"[A-Za-z0-9_.$-]+")
+
+
+def path_name(path: tuple) -> str:
+  """A state variable's name: its NNX path joined with dots (``linear1.w``, ``layers.0.b``)."""
+  return ".".join(str(part) for part in path)
+
+
+def global_names(names: list[str]) -> list[str]:
+  """A unique, MLIR-safe global (and parameter key) name per state variable, readable as its NNX path."""
+  result, seen = [], set()
+  for name in names:
+    safe = re.sub(r"[^A-Za-z0-9_.$-]", "_", name)
+    while safe in seen:
+      safe += "_"
+    seen.add(safe)
+    result.append(safe)
+  return result
+
+
+def function_name_problem(name: str) -> str | None:
+  """Why ``name`` cannot name a program function, or None if it can."""
+  if not IDENTIFIER.fullmatch(name):
+    return "must be a Python identifier starting with a letter"
+  if name.startswith("nnx_"):
+    return "starts with 'nnx_', which nnx-metal keeps for its own functions"
+  if name in RESERVED_NAMES:
+    return f"is taken by Program.{name}"
+  return None
+
+
+# What decides what callers get: recorded inside the module too, and compared at open.
+_INTERFACE_FIELDS = ("label", "method", "mode", "inputs", "outputs", "structure", "updates")
+
+
+def interface(state, functions) -> str:
+  """The program's interface as canonical JSON: every state variable and function signature and structure.
+
+  ``state`` holds the manifest's Variables and ``functions`` its ``{name: Function}``.
+  Export records it in the module (``nnx_get_state``'s reflection), so an edit of
+  the manifest that changes what callers get (outputs permuted, a variable's type or
+  key implementation) contradicts the module and is refused when the artifact opens.
+  """
+  document = {
+    "state": [variable.to_json() for variable in state],
+    "functions": {
+      name: {field: value for field, value in function.to_json().items() if field in _INTERFACE_FIELDS}
+      for name, function in functions.items()
+    },
+  }
+  return json.dumps(document, sort_keys=True, separators=(",", ":"))
