@@ -32,10 +32,8 @@ from typing import Any
 import numpy as np
 
 from ._cli_inputs import UsageError, check_inputs, first_line, parse_input, parse_shape
-from .runtime import NnxMetalError
 from ._hazards import find_races
-from .runtime import TARGET_NAMES
-from .runtime import Artifact
+from .runtime import TARGET_NAMES, Artifact, NnxMetalError
 
 # Manifest fields the module does not record, so only a pinned digest vouches for them.
 UNAUTHENTICATED_FIELDS = ("model", "objects", "versions", "flags", "dispatches", "rewrites", "hazard_check")
