@@ -56,7 +56,7 @@ def tests(session: nox.Session) -> None:
 def metal(session: nox.Session) -> None:
   """Compiles every zoo model for Metal into build/metal/<model>/ and prints a table."""
   session.install("-e", ".")
-  session.run("python", "-m", "compile.build_zoo", "--target", "metal", "--out", "build/metal", *session.posargs)
+  session.run("python", "-m", "nnx_models.tools.build_zoo", "--target", "metal", "--out", "build/metal", *session.posargs)
 
 
 @nox.session(python="3.11")
@@ -71,7 +71,7 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
   """Benchmarks programs against jax.jit and nnx.jit; writes build/bench/bench.{json,md}."""
   session.install("-e", ".")
-  session.run("python", "-m", "compile.bench", "--out", "build/bench", *session.posargs)
+  session.run("python", "-m", "nnx_models.tools.bench", "--out", "build/bench", *session.posargs)
 
 
 @nox.session(python="3.11")

@@ -41,6 +41,7 @@ _NEEDS_JAX = {
   "function": "_export",
   "method": "_export",
   "Lowered": "_lower",
+  "call_with_objects": "_lower",
   "lower": "_lower",
   "write_report": "_report",
 }

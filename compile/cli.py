@@ -1,9 +1,8 @@
-"""The ``nnx-metal`` command: build, run, inspect and benchmark artifacts.
+"""The ``nnx-metal`` command: build, run, inspect and check artifacts.
 
   nnx-metal build nnx_models:MLP --args 2,16,5 --input 8x2xf32 --target metal --out build/mlp
   nnx-metal run build/mlp --function eval --input 8x2xf32=0.5
   nnx-metal inspect build/mlp --html build/mlp/report.html
-  nnx-metal bench --models mlp
 
 A user mistake is one line on stderr with a hint and exit status 2, never a traceback.
 Mistakes are the command line's own (a malformed ``--input``, a missing file), the
@@ -435,37 +434,6 @@ def check(options: argparse.Namespace) -> int:
   return 1 if racy else 0
 
 
-def bench(options: argparse.Namespace) -> int:
-  from nnx_models import REALISTIC, ZOO
-
-  for flag, chosen, known in (("--models", options.models, ZOO), ("--realistic", options.realistic, REALISTIC)):
-    unknown = [name for name in chosen or () if name not in known]
-    if unknown:
-      raise UsageError(f"{flag}: unknown model(s) {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
-  # Zoo models named alone are a quick run: the realistic tier then runs only if asked for.
-  realistic = options.realistic if options.realistic is not None else ([] if options.models else list(REALISTIC))
-  out = pathlib.Path(options.out)
-  if out.exists() and not out.is_dir():
-    raise UsageError(f"--out {options.out!r} exists and is not a directory; choose another path")
-  _check_can_create(out, "--out")
-
-  from . import bench as benchmarks
-
-  argv = ["--out", str(options.out), "--rounds", str(options.rounds), "--calls", str(options.calls)]
-  argv += ["--realistic", *realistic]
-  return benchmarks.main(argv + (["--models", *options.models] if options.models else []))
-
-
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"{value} is less than 1")
-  return value
-
-
 def _command(commands, handler, name: str, help: str, description: str) -> argparse.ArgumentParser:
   """The subcommand ``name``, which ``main`` runs through ``handler``."""
   parser = commands.add_parser(name, help=help, description=description)
@@ -531,22 +499,6 @@ def make_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("artifact", type=pathlib.Path)
 
-  p = _command(
-    commands,
-    bench,
-    "bench",
-    "run the benchmarks",
-    "Benchmark programs against jax.jit and nnx.jit (what `nox -s bench` runs); writes bench.json and bench.md.",
-  )
-  p.add_argument("--out", default="build/bench", help="output directory (default build/bench)")
-  p.add_argument("--models", nargs="*", help="zoo models (default: all)")
-  p.add_argument(
-    "--realistic",
-    nargs="*",
-    help="realistic models (default: all, or none when --models is given; `--realistic` alone: none)",
-  )
-  p.add_argument("--rounds", type=_positive_int, default=7, help="interleaved rounds after warm-up (default 7)")
-  p.add_argument("--calls", type=_positive_int, default=30, help="calls per round (default 30)")
   return parser
 
 

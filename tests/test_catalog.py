@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 import compile as nnxc
-from compile._lower import call_with_objects
-from compile.build_zoo import catalog_functions
-from compile.runtime._manifest import path_name
+from compile import call_with_objects
+from compile.runtime import path_name
 from nnx_models import CATALOG
+from nnx_models.tools.build_zoo import catalog_functions
 from tests.conftest import RUNNABLE, assert_trees_allclose, require_device
 
 STEPS = 3

@@ -1,4 +1,4 @@
-"""The nnx-metal command: build, run, inspect, bench; user mistakes are one line and exit 2."""
+"""The nnx-metal command: build, run, inspect, check; user mistakes are one line and exit 2."""
 
 import hashlib
 import importlib.metadata
@@ -91,18 +91,12 @@ def test_user_mistakes_are_one_line_with_exit_status_2(built, args, message):
   assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("command", ["build", "run", "inspect", "bench"])
+@pytest.mark.parametrize("command", ["build", "run", "inspect", "check"])
 def test_help_of_each_subcommand_stands_on_its_own(command):
   result = nnx_metal(command, "--help")
   assert result.returncode == 0
   assert f"usage: nnx-metal {command}" in result.stdout
   assert len(result.stdout.splitlines()) > 4
-
-
-def test_bench_runs_through_the_cli(tmp_path):
-  result = nnx_metal("bench", "--out", str(tmp_path), "--models", "linear", "--rounds", "1", "--calls", "2")
-  assert result.returncode == 0, result.stderr
-  assert (tmp_path / "bench.md").read_text().count("| linear |") == 4  # 3 batch sizes, 1 compile row
 
 
 # Bad arguments, table-driven: every user mistake is one line on stderr, exit status 2, no traceback.
@@ -280,7 +274,6 @@ IN_A_PROCESS = [
   "negative dimension",
   "--method missing",
   "@ corrupt header",
-  "bench unknown model",
   "check garbage SPIR-V",
 ]
 
@@ -313,7 +306,6 @@ def assert_one_line(status: int, stderr: str, message: str) -> None:
       "nnx-metal run: ",
       "nnx-metal inspect: ",
       "nnx-metal check: ",
-      "nnx-metal bench: ",
     )
   ), stderr
   assert message in lines[0], stderr

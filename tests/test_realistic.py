@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 import compile as nnxc
-from compile._lower import call_with_objects
-from compile.runtime._manifest import path_name
+from compile import call_with_objects
+from compile.runtime import path_name
 from nnx_models import REALISTIC
 from tests.conftest import assert_trees_allclose
 

@@ -1,6 +1,6 @@
 """`nox -s bench`: programs against XLA and nnx.jit, side by side in one process; writes JSON and Markdown.
 
-Run as ``python -m compile.bench --out build/bench``. Every comparison is
+Run as ``python -m nnx_models.tools.bench --out build/bench``. Every comparison is
 interleaved (round-robin over the variants, after warm-up) and reported as the
 median per-call time and as ratios. A benchmark, not a test: nothing here asserts.
 """
@@ -22,11 +22,10 @@ import optax
 from flax import nnx
 from iree import runtime as rt
 
+from compile import CompileCache, export, function, method
 from nnx_models import REALISTIC, ZOO
 
 from . import bench_realistic
-from ._cache import CompileCache
-from ._export import export, function, method
 
 BATCHES = (1, 32, 256)
 TRAINED = ("mlp", "stacked_mlp", "linear_regression")  # zoo models with a benchmarked train step
@@ -287,15 +286,38 @@ def markdown(report: Report) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} is less than 1")
+  return value
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m nnx_models.tools.bench", description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("build/bench"))
-  parser.add_argument("--rounds", type=int, default=7)
-  parser.add_argument("--calls", type=int, default=30)
-  parser.add_argument("--models", nargs="*", default=list(ZOO), help="zoo models (small: call overhead)")
-  parser.add_argument("--realistic", nargs="*", default=list(REALISTIC), help="realistic models (throughput)")
+  parser.add_argument("--rounds", type=_positive_int, default=7, help="interleaved rounds after warm-up (default 7)")
+  parser.add_argument("--calls", type=_positive_int, default=30, help="calls per round (default 30)")
+  parser.add_argument("--models", nargs="*", help="zoo models (small: call overhead; default all)")
+  parser.add_argument(
+    "--realistic",
+    nargs="*",
+    help="realistic models (throughput; default: all, or none when --models is given; `--realistic` alone: none)",
+  )
   options = parser.parse_args(argv)
-  report = run(options.rounds, options.calls, options.models, options.realistic)
+  for flag, chosen, known in (("--models", options.models, ZOO), ("--realistic", options.realistic, REALISTIC)):
+    unknown = [name for name in chosen or () if name not in known]
+    if unknown:
+      parser.error(f"{flag}: unknown model(s) {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+  if options.out.exists() and not options.out.is_dir():
+    parser.error(f"--out {str(options.out)!r} exists and is not a directory; choose another path")
+  models = options.models if options.models is not None else list(ZOO)
+  # Zoo models named alone are a quick run: the realistic tier then runs only if asked for.
+  realistic = options.realistic if options.realistic is not None else ([] if options.models else list(REALISTIC))
+  report = run(options.rounds, options.calls, models, realistic)
   options.out.mkdir(parents=True, exist_ok=True)
   (options.out / "bench.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
   table = markdown(report)

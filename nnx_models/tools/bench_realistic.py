@@ -19,10 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from compile import call_with_objects, export, function
 from nnx_models import REALISTIC
-
-from ._export import export, function
-from ._lower import call_with_objects
 
 # HLO instructions that launch no work of their own.
 _NOT_KERNELS = frozenset({"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "while"})

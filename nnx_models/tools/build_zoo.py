@@ -1,6 +1,6 @@
 """The `nox -s metal` job: export every zoo, catalog, Linen and VAE model for a target into build/<target>/<model>/.
 
-Run as ``python -m compile.build_zoo --target metal --out build/metal``. Each model
+Run as ``python -m nnx_models.tools.build_zoo --target metal --out build/metal``. Each model
 is one program artifact (``manifest.json``, ``module.vmfb``, ``params.irpa``,
 ``module.mlir``, ``msl/`` and ``spirv/`` per kernel), built with the SPIR-V
 rewrites and checked for kernel races. Where the target's device exists (a Mac for
@@ -19,11 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from compile import Artifact, CompileError, DeviceUnavailableError, Export, Target, export, function, get_target, method
 from nnx_models import CATALOG, ZOO, CatalogEntry
-
-from ._export import Export, export, function, method
-from ._targets import Target, get_target
-from .runtime import Artifact, CompileError, DeviceUnavailableError
 
 BATCH = 8
 PARITY_TOLERANCE = 1e-4  # normwise: max|a - b| <= tol * (1 + max|b|)

@@ -1,0 +1,1 @@
+"""Tools over the model zoo: the Metal zoo build (`nox -s metal`) and the benchmarks (`nox -s bench`)."""
