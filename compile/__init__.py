@@ -12,8 +12,6 @@ on first use.
 
 import importlib
 
-from ._hazards import Race as Race
-from ._hazards import find_races as find_races
 from ._targets import Target as Target
 from ._targets import get_target as get_target
 from .runtime import TARGET_NAMES as TARGET_NAMES
@@ -32,6 +30,8 @@ from .runtime import UnknownTargetError as UnknownTargetError
 from .runtime import UnsupportedOpError as UnsupportedOpError
 from .runtime import load_program as load_program
 from .runtime import register_variable_type as register_variable_type
+from .spirv import Race as Race
+from .spirv import find_races as find_races
 
 # Names that need JAX, imported from their module on first access.
 _NEEDS_JAX = {

@@ -18,13 +18,12 @@ from flax import nnx
 
 from ._assemble import assemble
 from ._cache import CompileCache, compile_cached, toolchain_versions
-from ._hazards import find_races
 from ._iree import Binary, origin_sites
 from ._layout import Leaf, StateLayout
 from ._lower import Lowered, lower_function, method_caller, model_name_of
-from ._rewrites import CONTRACTIONS
 from ._stablehlo import check_target_support
 from ._targets import Target, get_target
+from .rewrites import CONTRACTIONS
 from .runtime import (
   MLIR,
   MODULE,
@@ -45,6 +44,7 @@ from .runtime import (
   sha256,
   user_metadata,
 )
+from .spirv import find_races
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +238,7 @@ def export(
     extra_flags: more iree-compile flags, appended.
     cache: True for the default compile cache (``$NNX_METAL_CACHE`` or
       ``~/.cache/nnx-metal``), a directory or CompileCache, or False for none.
-    check_hazards: check every SPIR-V kernel for data races (see ``compile/_hazards.py``).
+    check_hazards: check every SPIR-V kernel for data races (see ``compile/spirv/_hazards.py``).
 
   Returns:
     The :class:`Artifact`: ``.load()`` runs it here, ``.save(directory)`` ships it.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import _rewrites
+from . import rewrites
 from ._layout import Leaf, StateLayout
 from ._stablehlo import OpSite, clean_for_iree, embeddable_functions, module_text
 from ._targets import Target, get_target
@@ -41,7 +41,7 @@ class Lowered:
     state_types, arg_types, output_types: the MLIR tensor types at the boundary.
     sites: every op of the program, with its source line, for target checks.
     target: the target whose StableHLO rewrites were applied, or None (as JAX lowered it).
-    rewrites: ``{rewrite: ops changed}`` for that target (see ``compile/_rewrites.py``).
+    rewrites: ``{rewrite: ops changed}`` for that target (see ``compile/rewrites/``).
     flops: floating-point operations per call, from XLA's cost analysis (0 if it has none).
   """
 
@@ -163,7 +163,7 @@ def lower_function(
     object_keys: for a dict of objects, the order in which ``fn`` takes them.
     target: apply this target's StableHLO rewrites (None: the module as JAX lowered it).
     isolate: site indices of contractions to put in dispatches of their own (see
-      ``_rewrites.isolate_sites``; export passes those whose kernels raced or failed).
+      ``compile.rewrites.isolate_contractions``; export passes those whose kernels raced or failed).
   """
   layout = StateLayout.of(state)
   changed: list[int] = []
@@ -174,9 +174,9 @@ def lower_function(
   flops = _flops(traced)  # before the module is rewritten in place below
   module = traced.compiler_ir("stablehlo")
   sites = clean_for_iree(module, scope=name)
-  rewrites = _rewrites.apply(module, target.rewrites) if target is not None else {}
+  rewrite_counts = rewrites.apply(module, target.rewrites) if target is not None else {}
   if isolate:
-    rewrites["isolate_contractions"] = _rewrites.isolate_sites(module, name, isolate)
+    rewrite_counts[rewrites.ISOLATE_CONTRACTIONS] = rewrites.isolate_contractions(module, name, isolate)
   mlir = module_text(module)
   main_type = _main_function_type(module)
   num_state, num_outputs = len(layout.leaves), len(main_type.results) - len(changed)
@@ -198,7 +198,7 @@ def lower_function(
     output_types=tuple(str(t) for t in main_type.results[:num_outputs]),
     sites=sites,
     target=target.name if target is not None else None,
-    rewrites=rewrites,
+    rewrites=rewrite_counts,
     flops=flops,
   )
 

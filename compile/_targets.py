@@ -13,6 +13,7 @@ import functools
 import re
 import shutil
 
+from . import rewrites
 from .runtime import (
   CPU_KERNEL_STACK,
   RUNTIME_TARGETS,
@@ -26,11 +27,6 @@ from .runtime import (
 # fails with "'hal.element_type' op unsupported element type" on every target).
 _NO_HAL = "IREE has no HAL element type for it (on any target); convert to a type IREE supports, e.g. bfloat16"
 _NO_HAL_ELEMENT_TYPE = (("f4E2M1FN", _NO_HAL), ("f6E2M3FN", _NO_HAL), ("f6E3M2FN", _NO_HAL))
-# The rewrites of compile/_rewrites.py, in the order they run: every target's, then SPIR-V's.
-COMMON_REWRITES = ("decompose_select_and_scatter",)
-# The cpu only: the gathered windows cost a kernel each, a price a GPU pays per launch.
-CPU_REWRITES = (*COMMON_REWRITES, "kernel_gradients_as_products")
-SPIRV_REWRITES = ("widen_bfloat16", *COMMON_REWRITES, "split_grouped_convolutions", "isolate_reductions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +90,7 @@ def _metal(platform: str) -> Target:
     f"--iree-metal-compile-to-metallib={'true' if has_metal_toolchain else 'false'}",
     *_DEMOTE_F64,
   )
-  return Target(RUNTIME_TARGETS["metal"], flags, spirv=True, rewrites=SPIRV_REWRITES)
+  return Target(RUNTIME_TARGETS["metal"], flags, spirv=True, rewrites=rewrites.SPIRV)
 
 
 def _metal_vulkan() -> Target:
@@ -102,7 +98,7 @@ def _metal_vulkan() -> Target:
     r"subgroup_size_choices = \[\d+\]", f"subgroup_size_choices = [{STANDIN_SUBGROUP_SIZE}]", metal_description()
   )
   return Target(
-    RUNTIME_TARGETS["metal-vulkan"], _DEMOTE_F64, spirv=True, rewrites=SPIRV_REWRITES, description=description
+    RUNTIME_TARGETS["metal-vulkan"], _DEMOTE_F64, spirv=True, rewrites=rewrites.SPIRV, description=description
   )
 
 
@@ -128,13 +124,13 @@ def _vulkan(vulkan_target: str | None) -> Target:
       flags,
       unsupported_types=_NO_HAL_ELEMENT_TYPE + narrow,
       spirv=True,
-      rewrites=SPIRV_REWRITES,
+      rewrites=rewrites.SPIRV,
     )
   return Target(
     RUNTIME_TARGETS["vulkan"],
     _DEMOTE_F64,
     spirv=True,
-    rewrites=SPIRV_REWRITES,
+    rewrites=rewrites.SPIRV,
     description=portable_vulkan_description(),
   )
 
@@ -157,12 +153,12 @@ def _cpu() -> Target:
     *_KEEP_F64,
   )
   speed = (*_CPU_DATA_TILING, *_CPU_STACK)
-  return Target(RUNTIME_TARGETS["cpu"], flags, rewrites=CPU_REWRITES, speed_flags=speed)
+  return Target(RUNTIME_TARGETS["cpu"], flags, rewrites=rewrites.CPU, speed_flags=speed)
 
 
 def _cuda(arch: str) -> Target:
   flags = ("--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}", *_KEEP_F64)
-  return Target(RUNTIME_TARGETS["cuda"], flags, rewrites=COMMON_REWRITES)
+  return Target(RUNTIME_TARGETS["cuda"], flags, rewrites=rewrites.COMMON)
 
 
 def get_target(

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from ._cli_inputs import UsageError, check_inputs, first_line, parse_input, parse_shape
-from ._hazards import find_races
 from .runtime import TARGET_NAMES, Artifact, NnxMetalError
+from .spirv import find_races
 
 # Manifest fields the module does not record, so only a pinned digest vouches for them.
 UNAUTHENTICATED_FIELDS = ("model", "objects", "versions", "flags", "dispatches", "rewrites", "hazard_check")

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 import compile as nnxc
-from compile import _spirv
+from compile.spirv import SpirvError
 from tests.conftest import spirv_tool
 
 # A compute kernel of 16 invocations with a workgroup array and a storage buffer of floats;
@@ -183,5 +183,5 @@ def test_a_race_names_kernel_memory_and_both_slots(tmp_path):
   "damage", [b"", b"\x03\x02\x23\x07", b"not spirv at all", b"\x03\x02\x23\x07" + b"\0" * 16 + b"\xff\xff\xff\xff"]
 )
 def test_malformed_spirv_is_a_clear_error(damage):
-  with pytest.raises(_spirv.SpirvError):
+  with pytest.raises(SpirvError):
     nnxc.find_races(damage)

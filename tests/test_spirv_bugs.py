@@ -68,7 +68,7 @@ def _input(shape) -> np.ndarray:
 
 @pytest.mark.parametrize("target", SPIRV)
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="IREE 3.13 SPIR-V race; fixed by compile/_rewrites.py")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="IREE 3.13 SPIR-V race; fixed by compile/rewrites/")
 def test_raw_iree_gets_it_wrong(case, target):
   require_device(target)
   fn, shape = CASES[case]

@@ -27,7 +27,7 @@ import math
 from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo
 
-from ._stablehlo import int_list_attribute
+from .._stablehlo import int_list_attribute
 
 MAX_KERNEL_POSITIONS = 64
 

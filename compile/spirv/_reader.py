@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import struct
 
-from .runtime import NnxMetalError
+from ..runtime import NnxMetalError
 
 MAGIC = 0x07230203
 

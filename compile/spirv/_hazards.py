@@ -36,8 +36,8 @@ import dataclasses
 import sys
 from typing import Any
 
+from ._reader import Function, Instruction, Module, Op, Scope, SpirvError, StorageClass, read
 from ._slots import IndexRanges, Slots, never_meet_across_invocations
-from ._spirv import Function, Instruction, Module, Op, Scope, SpirvError, StorageClass, read
 
 CHECKED_MEMORY = (StorageClass.Workgroup, StorageClass.StorageBuffer, StorageClass.CrossWorkgroup)
 

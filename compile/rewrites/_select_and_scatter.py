@@ -8,7 +8,7 @@ Works around two IREE 3.13 defects, so the rewrite runs for every target:
 * on the SPIR-V targets (``metal``, ``vulkan``) the kernel IREE makes for
   non-overlapping windows stores each window's selection to workgroup memory under
   one thread mapping and reads it back under another with no barrier: a data race
-  (``compile/_hazards.py`` reports it).
+  (``compile/spirv/_hazards.py`` reports it).
 
 The rewrite computes XLA's semantics with ops IREE fuses into few kernels (one for
 non-overlapping windows):
@@ -35,7 +35,7 @@ import numpy as np
 from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo
 
-from ._stablehlo import int_list_attribute
+from .._stablehlo import int_list_attribute
 
 # More window offsets than this would unroll into too many ops (a global pool):
 # those are left to IREE, where the hazard check guards the SPIR-V targets.

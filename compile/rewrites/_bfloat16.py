@@ -30,8 +30,8 @@ no f32 equivalent: they raise :class:`UnsupportedOpError`.
 from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo
 
-from ._stablehlo import frames
-from .runtime import UnsupportedOpError
+from .._stablehlo import frames
+from ..runtime import UnsupportedOpError
 
 # Ops whose meaning is bf16's bit layout: in f32 they would compute something else.
 _BIT_LEVEL = ("stablehlo.bitcast_convert", "stablehlo.rng_bit_generator")

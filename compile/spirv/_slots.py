@@ -15,7 +15,7 @@ import dataclasses
 import itertools
 from typing import Any
 
-from ._spirv import Function, Instruction, Module, Op
+from ._reader import Function, Instruction, Module, Op
 
 # Builtins whose value differs between the invocations of one dispatch.
 _PER_INVOCATION = frozenset({26, 27, 28, 29, 40, 41})  # WorkgroupId .. SubgroupLocalInvocationId
