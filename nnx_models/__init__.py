@@ -4,6 +4,14 @@ from compile.runtime import register_variable_type as _register
 
 from ._catalog import CATALOG as CATALOG
 from ._catalog import CatalogEntry as CatalogEntry
+from ._gpt import GPT as GPT
+from ._gpt import GenerationError as GenerationError
+from ._gpt import GPTConfig as GPTConfig
+from ._gpt import decode_loop as decode_loop
+from ._gpt import generate as generate
+from ._gpt import generate_on as generate_on
+from ._gpt import generation_functions as generation_functions
+from ._gpt import pad_prompt as pad_prompt
 from ._linear import Count as Count
 from ._linear import Counter as Counter
 from ._linear import Linear as Linear
@@ -21,6 +29,11 @@ from ._lora import lora as lora
 from ._lora import merge_lora as merge_lora
 from ._mlp import MLP as MLP
 from ._mlp import StackedMLP as StackedMLP
+from ._quantize import QuantizationError as QuantizationError
+from ._quantize import QuantizedEmbed as QuantizedEmbed
+from ._quantize import QuantizedLinear as QuantizedLinear
+from ._quantize import QuantizedParam as QuantizedParam
+from ._quantize import quantize as quantize
 from ._realistic import REALISTIC as REALISTIC
 from ._realistic import RealisticEntry as RealisticEntry
 from ._regression import LinearRegression as LinearRegression
@@ -36,5 +49,5 @@ from ._zoo import ZooEntry as ZooEntry
 
 # Artifacts holding these Variable types rebuild them as nnx.State in any process
 # that imports nnx_models (artifacts never import classes by name).
-for _variable_type in (Count, LoraParam, EmaParam):
+for _variable_type in (Count, LoraParam, EmaParam, QuantizedParam):
   _register(_variable_type)
