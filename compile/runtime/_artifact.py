@@ -12,22 +12,27 @@ Imports the standard library, numpy and iree.runtime only.
 import dataclasses
 import hashlib
 import importlib.metadata
-import json
 import os
 import pathlib
+import stat
 from typing import Any
 
 import numpy as np
 
-from ._errors import ArtifactError
+from . import _dtypes
+from ._errors import ArtifactError, StateMismatchError
+from ._fields import parse_json
 from ._file_names import FORMAT, MANIFEST, MAX_MANIFEST_BYTES, MODULE, PARAMS, is_safe_file_name, kernel_files
-from ._files import reading, save_directory
+from ._files import MARKER, reading, save_directory
 from ._manifest import Manifest
 from ._module_check import check_module
-from ._params import params_index, read_params
+from ._params import read_params, write_params
 from ._program import Program
 from ._records import Function, Variable
 from ._variables import nnx_state
+
+# The longest file name (in bytes) the common file systems take.
+MAX_NAME_BYTES = 255
 
 
 def package_version(name: str) -> str:
@@ -52,13 +57,80 @@ def _check_runtime_version(directory: pathlib.Path, manifest: Manifest) -> None:
     )
 
 
-def is_artifact(path: pathlib.Path, *, lock: bool = True) -> bool:
-  """Whether ``path`` holds an nnx-metal artifact (of any format version): what ``save`` may replace."""
+def own_files(path: pathlib.Path) -> set[str] | None:
+  """The files of the nnx-metal artifact (of any format version) in ``path``, or None if it holds none.
+
+  An artifact is a manifest that lists ``module.vmfb`` and ``params.irpa`` with files that
+  are there with the sha256 it lists: a ``manifest.json`` that merely claims the format
+  is not one (a save does not replace it without ``overwrite``).
+  """
   try:
-    with reading(path, lock=lock) as read:
-      return json.loads(read(MANIFEST, MAX_MANIFEST_BYTES)).get("format") == FORMAT
-  except (ArtifactError, ValueError, AttributeError, RecursionError):
-    return False
+    with reading(path, lock=False) as read:
+      document = parse_json(read(MANIFEST, MAX_MANIFEST_BYTES))
+      files = document.get("files") if isinstance(document, dict) and document.get("format") == FORMAT else None
+      if not isinstance(files, dict) or not {MODULE, PARAMS} <= set(files):
+        return None
+      for relative, digest in files.items():
+        if not is_safe_file_name(relative) or sha256(read(relative)) != digest:
+          return None
+  except ArtifactError:
+    return None
+  return {MANIFEST, MARKER, *files}
+
+
+def _user_entries(root: pathlib.Path, own: set[str], folder: str = "") -> list[str]:
+  """What is in ``root`` (under ``folder``) besides the artifact's ``own`` files: a user's, kept by a save."""
+  entries = []
+  for name in sorted(os.listdir(root / folder if folder else root)):
+    relative = f"{folder}/{name}" if folder else name
+    if relative in own:
+      continue
+    holds_own = any(path.startswith(f"{relative}/") for path in own)
+    if holds_own and stat.S_ISDIR(os.lstat(root / relative).st_mode):
+      entries += _user_entries(root, own, relative)
+    else:
+      entries.append(relative)
+  return entries
+
+
+def checked_params(params: Any, state: tuple[Variable, ...]) -> dict[str, np.ndarray]:
+  """``params`` as the archive holds them, ``{global name: array}``, each as its variable's dtype and shape.
+
+  Raises:
+    StateMismatchError: not a dict, a variable missing, a name the program does not have,
+      another dtype (float64 for float32) or shape, or a value that is no array of numbers.
+  """
+  if not isinstance(params, dict):
+    raise StateMismatchError(f"The parameters must be a dict {{global name: array}}, not {type(params).__name__}.")
+  variables = {v.global_name: v for v in state}
+  unknown = [name for name in params if name not in variables]
+  missing = [name for name in variables if name not in params]
+  if unknown or missing:
+    raise StateMismatchError(
+      f"The parameters must hold exactly this program's state variables, by global name: "
+      f"{len(missing)} missing {missing[:3]}, {len(unknown)} unknown {[str(n)[:40] for n in unknown[:3]]}. "
+      "Nothing was written."
+    )
+  checked = {}
+  for name, variable in variables.items():
+    array = _dtypes.as_array(params[name], f"Parameter {variable.name}")
+    if array.dtype.name != variable.dtype or array.shape != variable.shape:
+      raise StateMismatchError(
+        f"Parameter {variable.name}: expected {variable.dtype}{list(variable.shape)}, got "
+        f"{array.dtype.name}{list(array.shape)}; nothing was written. Cast it, or export the model again."
+      )
+    checked[name] = array
+  return checked
+
+
+def _check_name_lengths(files) -> None:
+  for relative in files:
+    for part in relative.split("/"):
+      if len(os.fsencode(part)) > MAX_NAME_BYTES:
+        raise ArtifactError(
+          f"{relative[:80]}... has a name of {len(os.fsencode(part))} bytes, more than a file system takes "
+          f"({MAX_NAME_BYTES}); nothing was written. Export it with shorter function names."
+        )
 
 
 class Artifact:
@@ -114,8 +186,12 @@ class Artifact:
     return nnx_state(self.state, {v.name: self.params[v.global_name] for v in self.state})
 
   def with_params(self, params: dict[str, np.ndarray]) -> "Artifact":
-    """The same program with other state values (e.g. after training)."""
-    return Artifact(self.manifest, self.files, params)
+    """The same program with other state values (e.g. after training), ``{global name: array}``.
+
+    Raises:
+      StateMismatchError: a variable missing or unknown, or another dtype or shape (see :func:`checked_params`).
+    """
+    return Artifact(self.manifest, self.files, checked_params(params, self.state))
 
   def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> "Artifact":
     """Writes the artifact into ``directory``: complete, or not at all; the old artifact stays until the swap.
@@ -128,32 +204,45 @@ class Artifact:
       The artifact as written: its manifest lists the sha256 of every file, and its
       :attr:`digest` pins it (``self`` is left as it was).
 
+    Files a user put into an artifact there (a ``report.html``) are kept; only the old
+    artifact's own files go.
+
     Raises:
-      ArtifactError: ``directory`` holds something else and ``overwrite`` is False.
+      ArtifactError: ``directory`` holds something else and ``overwrite`` is False, or the
+        artifact cannot be written whole there (a full disk); nothing was written.
+      StateMismatchError: :attr:`params` do not fit the program's state.
     """
     written = []
+    params = checked_params(self.params, self.state)
+    for relative in self.files:
+      if not is_safe_file_name(relative):
+        raise ArtifactError(f"{relative!r} is not a file of an artifact; nothing was written.")
+    _check_name_lengths(self.files)
 
-    def may_replace(path: pathlib.Path) -> None:
-      if not overwrite and not (path.is_dir() and not path.is_symlink() and is_artifact(path, lock=False)):
-        raise ArtifactError(
-          f"{path} exists and is not an nnx-metal artifact; nothing was written. Choose another directory, "
-          "or pass overwrite=True to replace it."
-        )
+    def may_replace(path: pathlib.Path) -> list[str]:
+      own = own_files(path) if stat.S_ISDIR(os.lstat(path).st_mode) else None
+      if own is not None:
+        return _user_entries(path, own)
+      if overwrite:
+        return []
+      raise ArtifactError(
+        f"{path} exists and is not an nnx-metal artifact; nothing was written. Choose another directory, "
+        "or pass overwrite=True to replace it."
+      )
 
     def write(tmp: pathlib.Path) -> None:
       hashes = {}
       for relative, data in self.files.items():
-        if not is_safe_file_name(relative):
-          raise ArtifactError(f"{relative!r} is not a file of an artifact; nothing was written.")
         (tmp / relative).parent.mkdir(exist_ok=True)
         (tmp / relative).write_bytes(data)
         hashes[relative] = sha256(data)
-      params_index(self.params).create_archive_file(str(tmp / PARAMS))
-      hashes[PARAMS] = sha256((tmp / PARAMS).read_bytes())
+      archive = write_params(tmp / PARAMS, params)
+      os.chmod(tmp / PARAMS, stat.S_IMODE(os.stat(tmp / MODULE).st_mode))  # IREE writes 0640: the umask decides
+      hashes[PARAMS] = sha256(archive)
       manifest = dataclasses.replace(self.manifest, files=hashes)
       text = manifest.to_json().encode()
       (tmp / MANIFEST).write_bytes(text)
-      written.append(Artifact(manifest, self.files, self.params, digest=sha256(text)))
+      written.append(Artifact(manifest, self.files, params, digest=sha256(text)))
 
     save_directory(directory, write, may_replace=may_replace)
     return written[0]

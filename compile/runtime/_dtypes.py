@@ -10,6 +10,8 @@ import ml_dtypes
 import numpy as np
 from iree import runtime as rt
 
+from ._errors import StateMismatchError
+
 _HAL = rt.HalElementType
 
 
@@ -86,3 +88,22 @@ def native(array: np.ndarray) -> np.ndarray:
 def plain(array: np.ndarray) -> np.ndarray:
   """ml_dtypes arrays (bfloat16, float8) as unsigned integers of their size, which iree.runtime can copy."""
   return array.view(f"u{array.dtype.itemsize}") if array.dtype.kind == "V" else array
+
+
+def as_array(value, what: str, error: type = StateMismatchError) -> np.ndarray:
+  """``value`` as a numpy array of numbers in native byte order: a typed PRNG key as its key data.
+
+  Raises:
+    error: ``value`` is no array of one of :data:`DTYPES` (an object array, None, a ragged list).
+  """
+  if type(value).__module__.startswith("jax") and "key<" in str(getattr(value, "dtype", "")):
+    import jax  # only a jax value gets here: jax is imported already
+
+    value = jax.random.key_data(value)
+  try:
+    array = native(np.asarray(value))
+  except (TypeError, ValueError) as e:
+    raise error(f"{what} is no array ({type(e).__name__}: {e}).") from None
+  if array.dtype.name not in DTYPES:
+    raise error(f"{what}: got an array of {array.dtype}{list(array.shape)}, which no program takes.")
+  return array

@@ -1,8 +1,11 @@
 """Reading a JSON document field by field: each check takes a value and where it is, returns it or raises.
 
 Every error names the field (``functions.eval.inputs[0].shape``); unread fields are refused.
+:func:`parse_json` reads the document itself in time linear in its length and memory
+bounded by it, whatever the bytes: it runs before any hash is checked.
 """
 
+import json
 import math
 import re
 from collections.abc import Callable
@@ -13,6 +16,57 @@ from ._file_names import MANIFEST
 
 MAX_DIMENSION = 1 << 40
 MAX_DEPTH = 32
+# Objects and lists a manifest may hold: 1M is 10 times a 100k-variable model's, and caps what
+# parsing allocates (a 63 MiB file of empty objects would be 21M dicts, 1.5 GB).
+MAX_CONTAINERS = 1 << 20
+# Digits of an integer literal: Python's int() is quadratic in them (and refuses more than 4300).
+MAX_INTEGER_DIGITS = 40
+# Characters no text field of a manifest holds: controls (terminal escapes), bidirectional
+# overrides and lone surrogates (which no UTF-8 encoder writes).
+_FORBIDDEN_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  document = dict(pairs)
+  if len(document) != len(pairs):
+    seen = set()
+    duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+    raise ArtifactError(
+      f"{MANIFEST} holds the key {duplicate[:80]!r} twice in one object: which one counts is ambiguous. "
+      "The artifact is corrupt or was edited; export it again."
+    )
+  return document
+
+
+def _integer_literal(text: str) -> int:
+  if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+    raise ArtifactError(
+      f"{MANIFEST} holds an integer of {len(text)} digits, more than any field takes. "
+      "The artifact is corrupt or was edited; export it again."
+    )
+  return int(text)
+
+
+def parse_json(text: str | bytes) -> Any:
+  """The JSON document ``text``, in linear time and bounded memory: no duplicate keys, no huge integers.
+
+  Raises:
+    ArtifactError: not valid UTF-8 JSON, nested too deep, more than ``MAX_CONTAINERS``
+      objects and lists, a key twice in one object, or an integer of more than ``MAX_INTEGER_DIGITS`` digits.
+  """
+  opening = (b"{", b"[") if isinstance(text, bytes) else ("{", "[")
+  containers = text.count(opening[0]) + text.count(opening[1])  # an upper bound: brackets in strings count too
+  if containers > MAX_CONTAINERS:
+    raise ArtifactError(
+      f"{MANIFEST} holds {containers} objects and lists, more than the {MAX_CONTAINERS} a manifest may. "
+      "The artifact is corrupt or was edited; export it again."
+    )
+  try:
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_int=_integer_literal)
+  except ArtifactError:
+    raise
+  except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+    raise ArtifactError(f"{MANIFEST} is not valid JSON ({e}). The artifact is corrupt; export it again.") from None
 
 
 def fail(where: str, problem: str) -> ArtifactError:
@@ -45,6 +99,9 @@ def string(value: Any, where: str, *, pattern: re.Pattern | None = None, limit: 
     raise fail(where, f"must be a string of at most {limit} characters")
   if pattern is not None and not pattern.fullmatch(value):
     raise fail(where, f"is {value[:80]!r}, which is not of the form {pattern.pattern}")
+  forbidden = _FORBIDDEN_TEXT.search(value)
+  if forbidden:
+    raise fail(where, f"holds the character {forbidden.group()!r}, which no text of a manifest holds")
   return value
 
 
@@ -52,12 +109,24 @@ def matching(pattern: re.Pattern) -> Callable[[Any, str], str]:
   return lambda value, where: string(value, where, pattern=pattern)
 
 
+def _typed(value: Any) -> tuple[type, Any] | None:
+  """``value`` with its type, as a set member: 1 is not True, 2.0 is not 2; None for a list or an object."""
+  return None if isinstance(value, list | dict) else (type(value), value)
+
+
 def one_of(choices) -> Callable[[Any, str], Any]:
-  """Exactly one of ``choices``, of the same type: 1 is not True, 2.0 is not 2, a list is no name."""
+  """Exactly one of ``choices``, of the same type: 1 is not True, 2.0 is not 2, a list is no name.
+
+  Looked up in a set (a list of 100k names is checked in linear time); list choices are compared one by one.
+  """
+  hashable = {_typed(choice) for choice in choices} - {None}
+  lists = [choice for choice in choices if _typed(choice) is None]
 
   def check(value, where):
-    if not any(type(value) is type(choice) and value == choice for choice in choices):
-      raise fail(where, f"is {str(value)[:80]!r}; expected one of {', '.join(map(repr, choices))}")
+    key = _typed(value)
+    if (key not in hashable) if key is not None else not any(type(value) is type(c) and value == c for c in lists):
+      shown = ", ".join(map(repr, list(choices)[:8])) + (", ..." if len(choices) > 8 else "")
+      raise fail(where, f"is {str(value)[:80]!r}; expected one of {shown}")
     return value
 
   return check
@@ -98,7 +167,9 @@ def mapping(key: Callable, item: Callable[[Any, str], Any]) -> Callable[[Any, st
 
 
 def scalar(value: Any, where: str) -> str | int | float | bool:
-  if isinstance(value, str | bool | int) or (isinstance(value, float) and math.isfinite(value)):
+  if isinstance(value, str):
+    return string(value, where)
+  if isinstance(value, bool | int) or (isinstance(value, float) and math.isfinite(value)):
     return value
   raise fail(where, "must be a string, number or boolean")
 

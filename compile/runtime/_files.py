@@ -5,10 +5,16 @@ step (``renameat2(RENAME_EXCHANGE)`` on Linux, ``renamex_np(RENAME_SWAP)`` on ma
 and deletes the old one only after the swap: a process killed at any point leaves
 either the old or the new directory in place. Saves into one parent directory are
 serialized with an advisory lock on it, and temporaries left by killed saves are
-removed by the next save.
+removed by the next save: only directories that carry nnx-metal's marker file, never
+a user's folder that merely has a temporary's name. Files a user put into the old
+artifact (a report.html) are hard-linked into the new one before the swap, so
+nothing but the old artifact's own files goes. Folders and files get the modes the
+umask gives (as ``mkdir`` and ``open`` do), and a replaced directory keeps its mode.
 
 A read holds the same lock shared, so it sees one save's files, and reads through
-the directory's handle, never through a symbolic link, only regular files.
+the directory's handle, never through a symbolic link, only regular files. No lock
+is waited for longer than ``LOCK_WAIT_SECONDS``, and nothing is opened that could
+block (a FIFO where a directory should be).
 """
 
 import contextlib
@@ -18,15 +24,21 @@ import os
 import pathlib
 import re
 import secrets
-import shutil
 import stat
 import sys
-import tempfile
+import time
 from collections.abc import Callable, Iterator
 
 from ._errors import ArtifactError
 
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)-\w+")
+# In every temporary directory of a save (the new artifact, and the old one once swapped
+# out) until it is gone: what tells nnx-metal's temporaries from a user's folder.
+MARKER = ".nnx-metal-temporary"
+# A temporary's name holds at most this much of the target's (the marker holds all of it).
+_NAME_IN_TEMPORARY = 64
+# The longest a save or a read waits for another's lock on the parent directory.
+LOCK_WAIT_SECONDS = 30.0
 
 
 def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
@@ -48,28 +60,62 @@ def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
   return True
 
 
+def _temporary_name(path: pathlib.Path) -> str:
+  return f".{path.name[:_NAME_IN_TEMPORARY]}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _mark(directory: pathlib.Path, target: pathlib.Path) -> None:
+  (directory / MARKER).write_text(target.name)
+
+
 def _replace(tmp: pathlib.Path, path: pathlib.Path) -> None:
-  if _exchange(tmp, path):
-    return
-  # Two renames: a kill between them leaves the old directory under the name below.
-  aside = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-  os.rename(path, aside)
-  os.rename(tmp, path)
-  os.rename(aside, tmp)
+  marked = stat.S_ISDIR(os.lstat(path).st_mode)  # a real directory, not a link to one
+  if marked:
+    _mark(path, path)  # the old directory is a temporary from the swap on
+  try:
+    if _exchange(tmp, path):
+      return
+    # Two renames: a kill between them leaves the old directory under the name below.
+    aside = path.parent / _temporary_name(path)
+    os.rename(path, aside)
+    os.rename(tmp, path)
+    os.rename(aside, tmp)
+  except BaseException:
+    if marked:
+      with contextlib.suppress(OSError):
+        os.unlink(path / MARKER)
+    raise
 
 
 @contextlib.contextmanager
 def _locked(directory: pathlib.Path, *, shared: bool = False) -> Iterator[None]:
-  """An advisory lock on ``directory``: exclusive for a save, shared for a read."""
+  """An advisory lock on ``directory``, exclusive for a save, shared for a read; waits at most LOCK_WAIT_SECONDS.
+
+  Opening never blocks: a FIFO or anything else that is not a directory is not locked
+  (the caller then finds it is no directory).
+  """
   try:
     import fcntl
 
-    descriptor = os.open(directory, os.O_RDONLY)
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
   except (ImportError, OSError):  # no advisory locks here, or a folder we may not open: not serialized
     yield
     return
   try:
-    fcntl.flock(descriptor, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+    deadline, pause = time.monotonic() + LOCK_WAIT_SECONDS, 0.01
+    while True:
+      try:
+        fcntl.flock(descriptor, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() >= deadline:
+          raise ArtifactError(
+            f"{directory} has been locked by another process for {LOCK_WAIT_SECONDS:.0f} s (a save in "
+            "progress, or a lock someone else holds); nothing was read or written. Try again, or use "
+            "another directory."
+          ) from None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
     yield
   finally:
     os.close(descriptor)  # releases the lock
@@ -80,30 +126,55 @@ def _alive(pid: int) -> bool:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:
+  except (PermissionError, OverflowError):
     return True
   return True
 
 
 def _remove(path: pathlib.Path) -> None:
-  """Removes a directory tree, or anything else (a file, a link, a FIFO) without opening it."""
+  """Removes a directory tree (its marker last, so that a kill midway leaves it marked), or anything else
+  (a file, a link, a FIFO) without opening it."""
   try:
     is_directory = stat.S_ISDIR(os.lstat(path).st_mode)
   except FileNotFoundError:
     return
-  if is_directory:
-    shutil.rmtree(path, ignore_errors=True)
-  else:
+  if not is_directory:
     with contextlib.suppress(OSError):
       os.unlink(path)
+    return
+  for folder, dirs, files in os.walk(path, topdown=False):
+    for name in files:
+      if not (folder == str(path) and name == MARKER):
+        with contextlib.suppress(OSError):
+          os.unlink(os.path.join(folder, name))
+    for name in dirs:
+      entry = os.path.join(folder, name)
+      with contextlib.suppress(OSError):
+        os.unlink(entry) if os.path.islink(entry) else os.rmdir(entry)
+  with contextlib.suppress(OSError):
+    os.unlink(path / MARKER)
+  with contextlib.suppress(OSError):
+    os.rmdir(path)
+
+
+def _is_temporary_of(sibling: pathlib.Path, path: pathlib.Path) -> bool:
+  """Whether ``sibling`` is a temporary a dead save of ``path`` left: named like one, a real directory, marked."""
+  match = _TEMPORARY.fullmatch(sibling.name)
+  if not match or match["name"] != path.name[:_NAME_IN_TEMPORARY] or _alive(int(match["pid"])):
+    return False
+  try:
+    if not stat.S_ISDIR(os.lstat(sibling).st_mode) or not stat.S_ISREG(os.lstat(sibling / MARKER).st_mode):
+      return False
+    return (sibling / MARKER).read_text() == path.name
+  except (OSError, UnicodeDecodeError):
+    return False
 
 
 def remove_stale_temporaries(path: pathlib.Path) -> list[pathlib.Path]:
   """Removes the temporaries that killed saves of ``path`` left behind; returns them."""
   removed = []
   for sibling in path.parent.iterdir() if path.parent.is_dir() else ():
-    match = _TEMPORARY.fullmatch(sibling.name)
-    if match and match["name"] == path.name and not _alive(int(match["pid"])):
+    if _is_temporary_of(sibling, path):
       _remove(sibling)
       removed.append(sibling)
   return removed
@@ -116,8 +187,34 @@ def _fsync_tree(root: pathlib.Path) -> None:
         os.fsync(f.fileno())
 
 
+def _keep(old: pathlib.Path, tmp: pathlib.Path, relative: str) -> None:
+  """Hard-links ``old/relative`` (a user's file, link or folder, recursively) into ``tmp``: it stays after the swap."""
+  source, target = old / relative, tmp / relative
+  if os.path.lexists(target):
+    raise ArtifactError(
+      f"{source} is not a file of the artifact there, and the new artifact writes its own {relative}; "
+      "nothing was written. Move it away and save again."
+    )
+  info = os.lstat(source)
+  if stat.S_ISDIR(info.st_mode):
+    os.mkdir(target, stat.S_IMODE(info.st_mode))
+    for name in sorted(os.listdir(source)):
+      _keep(old, tmp, f"{relative}/{name}")
+    return
+  try:
+    os.link(source, target, follow_symlinks=False)
+  except OSError as e:
+    raise ArtifactError(
+      f"{source} is not a file of the artifact there, and it cannot be kept in the new one ({e.strerror or e}); "
+      "nothing was written. Move it away and save again."
+    ) from None
+
+
 def save_directory(
-  path: str | os.PathLike, write: Callable[[pathlib.Path], None], *, may_replace: Callable[[pathlib.Path], None]
+  path: str | os.PathLike,
+  write: Callable[[pathlib.Path], None],
+  *,
+  may_replace: Callable[[pathlib.Path], list[str]],
 ) -> pathlib.Path:
   """Writes a directory at ``path`` with ``write(tmp)``, atomically.
 
@@ -125,7 +222,8 @@ def save_directory(
     path: the directory to create or replace.
     write: fills the (empty) temporary directory it is given.
     may_replace: called with ``path`` when something is there already; raises to
-      keep it (e.g. when it is not a previous save of the same kind).
+      keep it (e.g. when it is not a previous save of the same kind), else returns
+      the paths (relative to ``path``) of what is not that save's own: those are kept.
 
   Returns:
     ``path``.
@@ -135,15 +233,23 @@ def save_directory(
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path.parent):
       remove_stale_temporaries(path)
-      tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+      tmp = path.parent / _temporary_name(path)
+      os.mkdir(tmp, 0o777)  # the umask decides, as for any folder the user makes
       try:
+        _mark(tmp, path)
         write(tmp)
         _fsync_tree(tmp)
         if os.path.lexists(path):
-          may_replace(path)
+          keep = may_replace(path)
+          for relative in keep:
+            _keep(path, tmp, relative)
+          if stat.S_ISDIR(os.lstat(path).st_mode):
+            os.chmod(tmp, stat.S_IMODE(os.lstat(path).st_mode))  # a replaced directory keeps its mode
           _replace(tmp, path)
         else:
           os.rename(tmp, path)
+        with contextlib.suppress(OSError):
+          os.unlink(path / MARKER)
       finally:
         _remove(tmp)  # the old directory (or file, link, FIFO) after a swap, or the failed new one
   except OSError as e:

@@ -26,6 +26,10 @@ RESERVED_NAMES = frozenset(
   {"artifact", "driver", "functions", "state", "arrays", "set_arrays", "load_state", "update", "save", "functional"}
 )
 IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+# A function names its kernels (``<name>_dispatch_<n>_<op>``) and so their files (``spirv/<kernel>.spv``):
+# 128 characters leave the rest of a 255-byte file name to IREE's suffix.
+MAX_FUNCTION_NAME = 128
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 GLOBAL_NAME = re.compile(r"[A-Za-z0-9_.$-]+")
 
 
@@ -35,14 +39,21 @@ def path_name(path: tuple) -> str:
 
 
 def global_names(names: list[str]) -> list[str]:
-  """A unique, MLIR-safe global (and parameter key) name per state variable, readable as its NNX path."""
-  result, seen = [], set()
+  """A unique, MLIR-safe global (and parameter key) name per state variable, readable as its NNX path.
+
+  A name that another already took gets the first free ``$2``, ``$3``, ... (``$`` is in no
+  sanitized path); each base remembers where its search stopped, so n names cost O(n) lookups
+  even when all of them sanitize alike (a manifest is parsed before any hash is checked).
+  """
+  result, seen, next_suffix = [], set(), {}
   for name in names:
-    safe = re.sub(r"[^A-Za-z0-9_.$-]", "_", name)
-    while safe in seen:
-      safe += "_"
-    seen.add(safe)
-    result.append(safe)
+    safe = _UNSAFE.sub("_", name)
+    unique, suffix = safe, next_suffix.get(safe, 2)
+    while unique in seen:
+      unique, suffix = f"{safe}${suffix}", suffix + 1
+    next_suffix[safe] = suffix
+    seen.add(unique)
+    result.append(unique)
   return result
 
 
@@ -50,6 +61,8 @@ def function_name_problem(name: str) -> str | None:
   """Why ``name`` cannot name a program function, or None if it can."""
   if not IDENTIFIER.fullmatch(name):
     return "must be a Python identifier starting with a letter"
+  if len(name) > MAX_FUNCTION_NAME:
+    return f"is {len(name)} characters long; a function name may have at most {MAX_FUNCTION_NAME}"
   if name.startswith("nnx_"):
     return "starts with 'nnx_', which nnx-metal keeps for its own functions"
   if name in RESERVED_NAMES:

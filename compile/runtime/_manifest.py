@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from ._errors import ArtifactError
-from ._fields import Fields, fail, integer, list_of, mapping, matching, number, one_of, optional, string
+from ._fields import Fields, fail, integer, list_of, mapping, matching, one_of, optional, parse_json, string
 from ._file_names import (
   FORMAT,
   FORMAT_VERSION,
@@ -59,9 +59,10 @@ class Manifest:
     target: what it was compiled for.
     flags: the full iree-compile flags.
     versions: jax, flax, iree-base-compiler and nnx-metal versions it was built with.
-    compile_seconds: iree-compile's wall time.
+    compile_seconds: iree-compile's wall time in the process that exported it; 0.0 once opened. Not
+      written to manifest.json: two exports of the same program give the same bytes and digest.
     dispatches: every kernel of the module.
-    rewrites: how many ops each StableHLO rewrite changed (see compile/_rewrites.py).
+    rewrites: how many ops each StableHLO rewrite changed (see compile/rewrites/).
     hazard_check: the SPIR-V race check's verdict: ``passed``, ``off`` (the user
       opted out) or ``not applicable`` (no SPIR-V).
     state: every state variable, in the order of the module's state functions.
@@ -75,7 +76,7 @@ class Manifest:
   target: RuntimeTarget
   flags: tuple[str, ...]
   versions: dict[str, str]
-  compile_seconds: float
+  compile_seconds: float = dataclasses.field(compare=False)  # a timing: neither compared nor written
   dispatches: tuple[str, ...]
   rewrites: dict[str, int]
   hazard_check: str
@@ -100,7 +101,6 @@ class Manifest:
       "target": self.target.to_json(),
       "flags": list(self.flags),
       "versions": self.versions,
-      "compile_seconds": self.compile_seconds,
       "dispatches": list(self.dispatches),
       "rewrites": self.rewrites,
       "hazard_check": self.hazard_check,
@@ -120,10 +120,7 @@ class Manifest:
     """
     if len(text) > MAX_MANIFEST_BYTES:
       raise fail("the file", f"is larger than {MAX_MANIFEST_BYTES} bytes")
-    try:
-      document = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-      raise ArtifactError(f"{MANIFEST} is not valid JSON ({e}). The artifact is corrupt; export it again.") from None
+    document = parse_json(text)
     fields = Fields(document, "")
     if document.get("format") != FORMAT:
       raise ArtifactError(f'{MANIFEST} is not an nnx-metal manifest (no "format": "{FORMAT}").')
@@ -152,10 +149,10 @@ class Manifest:
       target=target,
       flags=fields.get("flags", list_of(string)),
       versions=fields.get("versions", mapping(string, string)),
-      compile_seconds=fields.get("compile_seconds", number),
+      compile_seconds=0.0,
       dispatches=fields.get("dispatches", list_of(matching(KERNEL_NAME))),
       rewrites=fields.get("rewrites", mapping(matching(IDENTIFIER), integer)),
-      hazard_check=fields.get("hazard_check", one_of(HAZARD_CHECKS)),
+      hazard_check=fields.get("hazard_check", one_of(_hazard_checks(target))),
       state=state,
       functions={
         name: function_check(target.demote_f64, state_names)(value, f"functions.{name}", name)
@@ -167,7 +164,26 @@ class Manifest:
     for required in (MODULE, PARAMS):
       if required not in manifest.files:
         raise fail("files", f"does not list {required}")
+    _check_kernels(manifest)
     return manifest
+
+
+def _hazard_checks(target: RuntimeTarget) -> tuple[str, ...]:
+  """The verdicts export can record for ``target``: only SPIR-V kernels are checked for races."""
+  return ("passed", "off") if target.backend.endswith("spirv") else ("not applicable",)
+
+
+def _check_kernels(manifest: "Manifest") -> None:
+  """Every function's kernels and every kernel file name a kernel of ``dispatches``."""
+  dispatches = set(manifest.dispatches)
+  for name, function in manifest.functions.items():
+    unknown = [kernel for kernel in function.executables if kernel not in dispatches]
+    if unknown:
+      raise fail(f"functions.{name}.executables", f"names {unknown[0][:80]!r}, which dispatches does not list")
+  for relative in manifest.files:
+    folder, _, file_name = relative.partition("/")
+    if file_name and file_name.rpartition(".")[0] not in dispatches:
+      raise fail(f"files.{relative[:80]}", "is the source of a kernel that dispatches does not list")
 
 
 def _function_key(value: Any, where: str) -> str:

@@ -1,6 +1,13 @@
-"""The parameter archive (``params.irpa``): the state's initial values, one entry per variable, by global name."""
+"""The parameter archive (``params.irpa``): the state's initial values, one entry per variable, by global name.
 
-from typing import Any
+IREE writes archives; opening one never hands its bytes to IREE's parser. The header
+and every range in it are read and checked here, in Python's unbounded integers, before
+a single value is used: IREE's parser adds 64-bit offsets that a crafted archive makes
+wrap around, and then reads (or segfaults) outside the file.
+"""
+
+import pathlib
+import struct
 
 import numpy as np
 from iree import runtime as rt
@@ -9,6 +16,14 @@ from . import _dtypes
 from ._errors import ArtifactError
 from ._file_names import PARAMS
 from ._records import Variable
+
+# iree/schemas/parameter_archive.h, version 0.0 (all little-endian, packed).
+_MAGIC = b"IRPA"
+_HEADER = struct.Struct("<4sHHQQQQ" + "QQ" * 3)  # magic, version, size, next header, flags, entry count, 3 ranges
+_ENTRY = struct.Struct("<QIQQQQQQ")  # entry size, type, flags, name range, metadata range, minimum alignment
+_DATA_ENTRY = struct.Struct("<QQ")  # storage range, after the entry header
+_DATA = 2  # the entry type of data stored in the archive: the only kind nnx-metal writes
+_ENTRY_ALIGNMENT = 16
 
 
 def params_index(params: dict[str, np.ndarray]) -> rt.ParameterIndex:
@@ -19,13 +34,88 @@ def params_index(params: dict[str, np.ndarray]) -> rt.ParameterIndex:
   return index
 
 
-def _entries(data: bytes) -> dict[str, Any]:
-  index = rt.ParameterIndex()
+def write_params(path: pathlib.Path, params: dict[str, np.ndarray]) -> bytes:
+  """Writes ``params`` as an archive at ``path``; returns the bytes written, read back and checked.
+
+  Raises:
+    ArtifactError: the archive could not be written whole (a full disk, a file-size limit).
+  """
   try:
-    index.load_from_file_handle(rt.FileHandle.wrap_memory(data), "irpa")
-    return {key: (entry.length, entry.is_splat, entry.file_view) for key, entry in index.items()}
-  except Exception as e:  # noqa: BLE001 - a native parser reading hostile bytes: whatever it raises, refuse
-    raise ArtifactError(f"{PARAMS} is not an IREE parameter archive ({type(e).__name__}: {e}).") from None
+    params_index(params).create_archive_file(str(path))
+    data = path.read_bytes()
+  except OSError as e:
+    raise ArtifactError(f"Cannot write {PARAMS}: {e.strerror or e}. Nothing was written.") from None
+  except Exception as e:  # noqa: BLE001 - IREE's writer reports a full disk as IndexError or RuntimeError
+    raise ArtifactError(
+      f"Cannot write {PARAMS} ({type(e).__name__}: {e}); is the disk full? Nothing was written."
+    ) from None
+  entries = archive_entries(data)
+  if set(entries) != set(params):
+    raise ArtifactError(f"{PARAMS} was not written whole (is the disk full?). Nothing was written.")
+  return data
+
+
+def _range(data: bytes, base: int, offset: int, length: int, what: str) -> tuple[int, int]:
+  """``(start, end)`` of ``length`` bytes at ``base + offset``, which must lie inside ``data``."""
+  start, end = base + offset, base + offset + length
+  if not 0 <= start <= end <= len(data):
+    raise ArtifactError(
+      f"{PARAMS}: the {what} spans bytes {start} to {end}, outside the file's {len(data)}. "
+      "The archive is corrupt or was edited; export the artifact again."
+    )
+  return start, end
+
+
+def archive_entries(data: bytes) -> dict[str, tuple[int, int]]:
+  """``{name: (start, end)}`` of each entry's bytes in ``data``, every range checked against the file.
+
+  Reads the archives nnx-metal writes: one version 0.0 header, data entries only.
+
+  Raises:
+    ArtifactError: anything else: another version, a linked or splatted archive, a range outside
+      its segment or the file, a name twice or not UTF-8.
+  """
+
+  def corrupt(problem: str) -> ArtifactError:
+    return ArtifactError(f"{PARAMS} {problem}. The archive is corrupt or was edited; export the artifact again.")
+
+  if len(data) < _HEADER.size or data[:4] != _MAGIC:
+    raise corrupt("is not an IREE parameter archive (no IRPA header)")
+  _, major, minor, header_size, next_header, _, count, *ranges = _HEADER.unpack_from(data)
+  if (major, minor, header_size, next_header) != (0, 0, _HEADER.size, 0):
+    raise corrupt(f"has an archive header of version {major}.{minor}, size {header_size}, next {next_header}")
+  segments = {}
+  names = ("entry table", "metadata segment", "storage segment")
+  for what, offset, length in zip(names, ranges[::2], ranges[1::2], strict=True):
+    segments[what] = _range(data, 0, offset, length, what)
+  table_start, table_end = segments["entry table"]
+  if count > (table_end - table_start) // _ENTRY.size:
+    raise corrupt(f"claims {count} entries, more than its entry table holds")
+
+  def inside(segment: str, offset: int, length: int, what: str) -> tuple[int, int]:
+    start, end = segments[segment]
+    if offset + length > end - start:
+      raise corrupt(f"has a {what} of {length} bytes at {offset}, outside its {segment} of {end - start} bytes")
+    return start + offset, start + offset + length
+
+  entries, position = {}, table_start
+  for index in range(count):
+    if position + _ENTRY.size > table_end:
+      raise corrupt(f"has an entry table that ends inside entry {index}")
+    size, kind, _, name_offset, name_length, _, _, _ = _ENTRY.unpack_from(data, position)
+    if kind != _DATA or size < _ENTRY.size + _DATA_ENTRY.size or position + size > table_end:
+      raise corrupt(f"has entry {index} of type {kind} and size {size}, not a data entry inside the table")
+    storage_offset, storage_length = _DATA_ENTRY.unpack_from(data, position + _ENTRY.size)
+    start, end = inside("metadata segment", name_offset, name_length, f"name of entry {index}")
+    try:
+      name = data[start:end].decode()
+    except UnicodeDecodeError:
+      raise corrupt(f"has entry {index} whose name is not UTF-8") from None
+    if name in entries:
+      raise corrupt(f"holds {name[:80]!r} twice")
+    entries[name] = inside("storage segment", storage_offset, storage_length, f"value of {name[:80]!r}")
+    position += -(-size // _ENTRY_ALIGNMENT) * _ENTRY_ALIGNMENT
+  return entries
 
 
 def read_params(data: bytes, state: tuple[Variable, ...]) -> dict[str, np.ndarray]:
@@ -34,7 +124,7 @@ def read_params(data: bytes, state: tuple[Variable, ...]) -> dict[str, np.ndarra
   The archive is parsed from the bytes whose hash was checked, not from the file
   again, and the arrays are copies: what was verified is what is used.
   """
-  entries = _entries(data)
+  entries = archive_entries(data)
   expected = {v.global_name for v in state}
   if set(entries) != expected:
     extra, missing = sorted(set(entries) - expected), sorted(expected - set(entries))
@@ -44,13 +134,15 @@ def read_params(data: bytes, state: tuple[Variable, ...]) -> dict[str, np.ndarra
     )
   params = {}
   for variable in state:
-    length, splat, view = entries[variable.global_name]
+    start, end = entries[variable.global_name]
     dtype = _dtypes.dtype(variable.dtype).numpy
     nbytes = variable.size * dtype.itemsize
-    if splat or length != nbytes or len(view) < nbytes:
+    if end - start != nbytes:
       raise ArtifactError(
-        f"{PARAMS} holds {length} bytes for {variable.name}, which needs {nbytes} "
+        f"{PARAMS} holds {end - start} bytes for {variable.name}, which needs {nbytes} "
         f"({variable.dtype}{list(variable.shape)}). The archive belongs to another export; export again."
       )
-    params[variable.global_name] = np.frombuffer(view, dtype, count=variable.size).reshape(variable.shape).copy()
+    params[variable.global_name] = (
+      np.frombuffer(data, dtype, count=variable.size, offset=start).reshape(variable.shape).copy()
+    )
   return params

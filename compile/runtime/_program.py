@@ -8,7 +8,7 @@ threads: calls are serialized, because every call reads and writes the same devi
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,10 +27,16 @@ if TYPE_CHECKING:  # Artifact.load makes Programs; a Program only reads its arti
 _FLAG = np.array(1, np.int32)
 
 
-def flatten_inputs(tree: Any) -> list[Any]:
+# How deep containers of inputs may nest (a list that holds itself is infinitely deep).
+MAX_INPUT_DEPTH = 64
+
+
+def flatten_inputs(tree: Any, depth: int = 0) -> list[Any]:
   """Flattens tuples, lists and dicts (sorted keys, as JAX does) into their leaves, without JAX."""
+  if depth > MAX_INPUT_DEPTH:
+    raise SignatureError(f"The inputs nest containers more than {MAX_INPUT_DEPTH} deep (or a list holds itself).")
   if isinstance(tree, tuple | list):
-    return [leaf for item in tree for leaf in flatten_inputs(item)]
+    return [leaf for item in tree for leaf in flatten_inputs(item, depth + 1)]
   if isinstance(tree, dict):
     try:
       keys = sorted(tree)
@@ -38,7 +44,7 @@ def flatten_inputs(tree: Any) -> list[Any]:
       raise SignatureError(
         f"A dict of inputs needs keys of one sortable type (JAX sorts them), got {list(tree)[:4]}."
       ) from None
-    return [leaf for key in keys for leaf in flatten_inputs(tree[key])]
+    return [leaf for key in keys for leaf in flatten_inputs(tree[key], depth + 1)]
   if tree is None:
     return []
   return [tree]
@@ -59,7 +65,7 @@ def unflatten_outputs(structure: dict[str, Any], leaves: list[np.ndarray]) -> An
 
 def host_array(value: Any, tensor: Tensor, what: str) -> np.ndarray:
   """``value`` as ``tensor``'s device dtype, after checking its shape and dtype (any byte order)."""
-  array = _dtypes.native(np.asarray(value))
+  array = _dtypes.as_array(value, f"{what} {tensor.name}", SignatureError)
   if array.shape != tensor.shape or array.dtype.name != tensor.dtype:
     raise SignatureError(
       f"{what} {tensor.name}: expected {tensor.dtype}{list(tensor.shape)}, got {array.dtype.name}{list(array.shape)}."
@@ -152,6 +158,8 @@ class Program:
 
   def arrays(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Copies state variables from the device: ``{name: array}`` (all, or those in ``names``)."""
+    if isinstance(names, str) or not (names is None or isinstance(names, Iterable)):
+      raise StateMismatchError(f"arrays() takes a list of state variable names, not {type(names).__name__}.")
     names = None if names is None else list(names)  # read twice below; a generator would be empty the second time
     for name in names or ():
       self._variable(name)
@@ -164,6 +172,8 @@ class Program:
     Raises:
       StateMismatchError: a name the program does not have, or a wrong shape or dtype (names the variable).
     """
+    if not isinstance(arrays, Mapping):
+      raise StateMismatchError(f"set_arrays() takes a dict {{name: array}}, not {type(arrays).__name__}.")
     replacements = {}
     for name, value in arrays.items():
       variable = self._variable(name)
@@ -177,7 +187,7 @@ class Program:
       self._module.invoke(self._set_state, [_FLAG, *values])
 
   def _variable(self, name: str) -> Variable:
-    variable = self._variables.get(name)
+    variable = self._variables.get(name) if isinstance(name, str) else None
     if variable is None:
       known = ", ".join(list(self._variables)[:6])
       raise StateMismatchError(
@@ -193,9 +203,7 @@ class Program:
 
     ``nnx.update(objects, program.state())`` merges it into the eager objects.
     """
-    from flax import nnx
-
-    predicate = nnx.filterlib.to_predicate(filter)
+    predicate = _predicate(filter)
     selected = [v for v in self.artifact.state if predicate(v.path, _variables.placeholder(v))]
     return _variables.nnx_state(selected, self.arrays([v.name for v in selected]))
 
@@ -214,11 +222,18 @@ class Program:
       StateMismatchError: a path the program does not have, another Variable type,
         a wrong shape or dtype, or (``complete``) a missing variable; the message names the path.
     """
-    import jax
     from flax import nnx
 
-    state = source if isinstance(source, nnx.State) else nnx.state(source)
+    if not (isinstance(source, nnx.State | dict | list | tuple) or nnx.graph.is_graph_node(source)):
+      raise StateMismatchError(
+        f"load_state() takes an nnx.State, a module or a dict of objects, not {type(source).__name__}."
+      )
+    try:
+      state = source if isinstance(source, nnx.State) else nnx.state(source)
+    except Exception as e:  # noqa: BLE001 - flax on a container of the user's that holds no graph
+      raise StateMismatchError(f"load_state() cannot take the state of this {type(source).__name__}: {e}") from None
     if filter is not ...:
+      _predicate(filter)
       state = nnx.filter_state(state, filter)
     arrays = {}
     for path, variable in nnx.to_flat_state(state):
@@ -230,7 +245,7 @@ class Program:
           f"State variable {name} is a {got_type}; the program holds a {expected.variable_type} there."
         )
       value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
-      arrays[name] = jax.random.key_data(value) if expected.key_impl else value
+      arrays[name] = value  # a typed PRNG key becomes its key data in set_arrays
     missing = [name for name in self._variables if name not in arrays]
     if complete and missing:
       raise StateMismatchError(
@@ -253,7 +268,9 @@ class Program:
     Handy for stepping through the compiled program from eager code; a plain
     ``program.<name>(...)`` keeps the state on the device instead.
     """
-    function = self.functions[name]
+    function = self.functions.get(name) if isinstance(name, str) else None
+    if function is None:
+      raise SignatureError(f"This program has no function {name!r}; it has {', '.join(self.functions) or 'none'}.")
 
     def call(state: Any, *args: Any) -> tuple[Any, Any]:
       with self._lock:
@@ -268,3 +285,15 @@ class Program:
     """Writes this program with its current device state as an artifact directory (see :meth:`Artifact.save`)."""
     params = {self._variables[name].global_name: array for name, array in self.arrays().items()}
     return self.artifact.with_params(params).save(directory, overwrite=overwrite)
+
+
+def _predicate(filter: Any) -> Callable:
+  """The predicate of an NNX filter; StateMismatchError for what is not a filter (123)."""
+  from flax import nnx
+
+  try:
+    return nnx.filterlib.to_predicate(filter)
+  except (TypeError, ValueError) as e:
+    raise StateMismatchError(
+      f"{filter!r:.80} is not an NNX filter; pass a Variable type, a path or ... ({e})"
+    ) from None

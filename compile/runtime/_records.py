@@ -233,6 +233,8 @@ def function_check(demote_f64: bool, state_names: frozenset[str]) -> Callable[[A
       flops=fields.get("flops", number),
     )
     fields.done()
+    if len(set(function.updates)) != len(function.updates):
+      raise fail(f"{where}.updates", "names a state variable twice")
     if sorted(structure_leaves(function.structure)) != list(range(len(outputs))):
       raise fail(f"{where}.structure", f"does not hold each of the {len(outputs)} outputs exactly once")
     return function
