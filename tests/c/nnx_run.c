@@ -7,6 +7,7 @@
 //     set NAME FILE                a state variable's bytes from FILE
 //     save DIR                     the program with its device state as a new artifact
 //     time FN IN N                 N calls; prints "microseconds_per_call X"
+//     threads FN IN T N            T threads call FN N times each, at once (the program serializes them)
 //
 // An error prints "nnx_run: <code name>: <message>" on stderr and exits with 10 + the code.
 // Uses only nnx_metal.h: it is what an app does.
@@ -14,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <time.h>
 
 #include "nnx_metal.h"
@@ -81,6 +83,27 @@ static int load_inputs(const nnx_function_t *f, const char *prefix, buffers_t *b
   }
   for (size_t i = 0; i < f->output_count; ++i) b->outputs[i] = calloc(1, f->outputs[i].byte_length + 1);
   return 0;
+}
+
+typedef struct worker {
+  nnx_program_t *program;
+  const nnx_function_t *function;
+  buffers_t *buffers;
+  long calls;
+  nnx_error_t error;
+} worker_t;
+
+static void *work(void *argument) {
+  worker_t *w = argument;
+  void **outputs = calloc(w->function->output_count + 1, sizeof(void *));
+  for (size_t i = 0; i < w->function->output_count; ++i) outputs[i] = malloc(w->function->outputs[i].byte_length + 1);
+  w->error.code = NNX_OK;
+  for (long c = 0; c < w->calls && w->error.code == NNX_OK; ++c) {
+    nnx_program_call(w->program, w->function, (const void *const *)w->buffers->inputs, outputs, &w->error);
+  }
+  for (size_t i = 0; i < w->function->output_count; ++i) free(outputs[i]);
+  free(outputs);
+  return NULL;
 }
 
 int main(int argc, char **argv) {
@@ -173,6 +196,25 @@ int main(int argc, char **argv) {
         if (nnx_program_write_state(program, name, data, got, &error)) status = failed(&error);
         free(data);
       }
+    } else if (strcmp(command, "threads") == 0 && at + 3 < argc) {
+      const nnx_function_t *f = nnx_program_find_function(program, argv[at]);
+      if (!f) return usage("no such function");
+      buffers_t b = {0};
+      if (load_inputs(f, argv[at + 1], &b)) return 2;
+      long threads = strtol(argv[at + 2], NULL, 10), calls = strtol(argv[at + 3], NULL, 10);
+      at += 4;
+      worker_t *workers = calloc((size_t)threads, sizeof(worker_t));
+      pthread_t *ids = calloc((size_t)threads, sizeof(pthread_t));
+      for (long t = 0; t < threads; ++t) {
+        workers[t] = (worker_t){program, f, &b, calls, {0}};
+        pthread_create(&ids[t], NULL, work, &workers[t]);
+      }
+      for (long t = 0; t < threads; ++t) pthread_join(ids[t], NULL);
+      for (long t = 0; t < threads && status == 0; ++t) {
+        if (workers[t].error.code) status = failed(&workers[t].error);
+      }
+      free(workers), free(ids);
+      free_buffers(&b);
     } else if (strcmp(command, "save") == 0 && at < argc) {
       if (nnx_program_save(program, argv[at++], &error)) status = failed(&error);
     } else {
