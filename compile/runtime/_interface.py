@@ -26,9 +26,10 @@ RESERVED_NAMES = frozenset(
   {"artifact", "driver", "functions", "state", "arrays", "set_arrays", "load_state", "update", "save", "functional"}
 )
 IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-# A function names its kernels (``<name>_dispatch_<n>_<op>``) and so their files (``spirv/<kernel>.spv``):
-# 128 characters leave the rest of a 255-byte file name to IREE's suffix.
-MAX_FUNCTION_NAME = 128
+# A function names its kernels (``<name>_dispatch_<n>_<op>``), their files (``spirv/<kernel>.spv``) and
+# IREE's dumps of them (``<module>_<kernel>.spv``, the name twice): 64 characters keep those under the
+# 255 bytes a file name may have (IREE 3.13 silently skips a dump it cannot name, 127 characters did).
+MAX_FUNCTION_NAME = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 GLOBAL_NAME = re.compile(r"[A-Za-z0-9_.$-]+")
 
