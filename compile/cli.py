@@ -434,6 +434,21 @@ def check(options: argparse.Namespace) -> int:
   return 1 if racy else 0
 
 
+def deploy(options: argparse.Namespace) -> int:
+  """Writes a self-contained C project for one artifact (see compile/runtime/_deploy.py)."""
+  from .runtime import _deploy
+
+  source = options.iree_source
+  if source is None:
+    try:
+      source = _deploy.iree_runtime_source()
+    except _deploy.BuildError:
+      source = None  # set NNX_METAL_IREE_SOURCE_DIR when configuring instead
+  out = _deploy.write_project(options.artifact, options.out, name=options.name, iree_source=source)
+  print(f"C project in {out} (README.md): cmake -G Ninja -S {out} -B {out}/build && cmake --build {out}/build")
+  return 0
+
+
 def _command(commands, handler, name: str, help: str, description: str) -> argparse.ArgumentParser:
   """The subcommand ``name``, which ``main`` runs through ``handler``."""
   parser = commands.add_parser(name, help=help, description=description)
@@ -498,6 +513,20 @@ def make_parser() -> argparse.ArgumentParser:
     "barrier in between, in every SPIR-V kernel an artifact ships (spirv/). Exit status 1 if any may race.",
   )
   p.add_argument("artifact", type=pathlib.Path)
+
+  p = _command(
+    commands,
+    deploy,
+    "deploy",
+    "write a C project that runs an artifact without Python",
+    "Write a CMake project for one artifact: typed C functions per exported function, the nnx-metal C "
+    "library (nnx_metal.h) over IREE's runtime, the artifact, a demo program, a Swift module map and a README "
+    "for macOS and iOS.",
+  )
+  p.add_argument("artifact", type=pathlib.Path)
+  p.add_argument("--out", type=pathlib.Path, required=True, help="the project folder to write (new or empty)")
+  p.add_argument("--name", help="the C prefix of its functions (default: the artifact folder's name)")
+  p.add_argument("--iree-source", type=pathlib.Path, help="IREE's source tree (default: the vendored snapshot)")
 
   return parser
 
