@@ -11,7 +11,7 @@ write every global, for moving state between the device and the host.
 import re
 
 from ._lower import Lowered
-from .runtime import GET_STATE, INTERFACE, PARAMETER_SCOPE, SET_STATE, STATE_ORDER, global_names
+from .runtime import GET_STATE, INTERFACE, PARAMETER_SCOPE, SET_STATE, STATE_ORDER
 
 
 def _signless(tensor_type: str) -> str:
@@ -138,14 +138,13 @@ def _state_accessors(globals_: list[str], state_types: tuple[str, ...], interfac
   ]
 
 
-def assemble(module_name: str, functions: dict[str, Lowered], interface: str) -> str:
+def assemble(module_name: str, functions: dict[str, Lowered], globals_: list[str], interface: str) -> str:
   """The program's MLIR: globals for the state, one public function per entry of ``functions``.
 
   All ``functions`` must be lowered from the same objects (one State layout).
   ``interface`` (``runtime._manifest.interface``) is recorded in the module.
   """
   first = next(iter(functions.values()))
-  globals_ = global_names([leaf.name for leaf in first.state.leaves])
   lines = [f"module @{module_name} {{"]
   for name, state_type in zip(globals_, first.state_types, strict=True):
     parameter = f'#flow.parameter.named<"{PARAMETER_SCOPE}"::"{name}">'

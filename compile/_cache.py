@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from ._iree import Binary, compile_module, module_flags
 from ._stablehlo import OpSite
 from ._targets import Target
-from .runtime import is_safe_file_name, package_version, sha256
+from .runtime import MODULE, CompileError, is_safe_file_name, kernel_file, package_version, sha256
 
 ENTRY_FORMAT = 3
 _META_FIELDS = ("flags", "dispatches", "compile_seconds", "calls")
@@ -33,13 +33,6 @@ def toolchain_versions() -> dict[str, str]:
 def default_directory() -> pathlib.Path:
   """``$NNX_METAL_CACHE``, else ``~/.cache/nnx-metal``."""
   return pathlib.Path(os.environ.get("NNX_METAL_CACHE") or pathlib.Path.home() / ".cache" / "nnx-metal")
-
-
-def _files_of(binary: Binary) -> dict[str, bytes]:
-  files = {"module.vmfb": binary.vmfb}
-  files |= {f"msl/{name}.metal": source.encode() for name, source in binary.msl.items()}
-  files |= {f"spirv/{name}.spv": data for name, data in binary.spirv.items()}
-  return files
 
 
 class CompileCache:
@@ -66,11 +59,11 @@ class CompileCache:
       if any(sha256(data) != meta["files"][relative] for relative, data in files.items()):
         return None
       return Binary(
-        vmfb=files["module.vmfb"],
+        vmfb=files[MODULE],
         flags=tuple(meta["flags"]),
         dispatches=tuple(meta["dispatches"]),
-        msl={name: files[f"msl/{name}.metal"].decode() for name in meta["msl"]},
-        spirv={name: files[f"spirv/{name}.spv"] for name in meta["spirv"]},
+        msl={name: files[kernel_file("msl", name)].decode() for name in meta["msl"]},
+        spirv={name: files[kernel_file("spirv", name)] for name in meta["spirv"]},
         compile_seconds=meta["compile_seconds"],
         calls=dict(meta["calls"]),
         origins={name: [(scope, int(index)) for scope, index in tags] for name, tags in meta["origins"].items()},
@@ -78,12 +71,34 @@ class CompileCache:
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
       return None
 
+  def _failure_path(self, key: str) -> pathlib.Path:
+    return self.directory / key[:2] / f"{key}.failed.json"
+
+  def get_failure(self, key: str) -> CompileError | None:
+    """The CompileError iree-compile raised for ``key`` before, or None (none recorded, or unreadable)."""
+    try:
+      record = json.loads(self._failure_path(key).read_text())
+      error = CompileError(record["target"], list(record["flags"]), record["diagnostics"], culprit=record["culprit"])
+      error.kernels = {kernel: [(scope, int(i)) for scope, i in tags] for kernel, tags in record["kernels"].items()}
+      return error
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+      return None
+
+  def put_failure(self, key: str, error: CompileError) -> None:
+    """Records that iree-compile failed for ``key``: the same input and flags fail the same way."""
+    path = self._failure_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {k: getattr(error, k) for k in ("target", "flags", "diagnostics", "culprit", "kernels")}
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{key[:16]}.", delete=False) as tmp:
+      json.dump(record, tmp)
+    os.replace(tmp.name, path)
+
   def put(self, key: str, binary: Binary) -> None:
     path = self._path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=path.parent))
     try:
-      files = _files_of(binary)
+      files = binary.files()
       for relative, data in files.items():
         (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp / relative).write_bytes(data)
@@ -129,6 +144,13 @@ def compile_cached(
   binary = cache.get(key)
   if binary is not None:
     return binary, True
-  binary = compile_module(mlir, module_name, target, extra_flags, sites=sites)
+  failure = cache.get_failure(key)
+  if failure is not None:
+    raise failure  # iree-compile failed on this very input before: export's retry moves on at once
+  try:
+    binary = compile_module(mlir, module_name, target, extra_flags, sites=sites)
+  except CompileError as error:
+    cache.put_failure(key, error)
+    raise
   cache.put(key, binary)
   return binary, False

@@ -26,7 +26,6 @@ from ._targets import Target, get_target
 from .rewrites import CONTRACTIONS
 from .runtime import (
   MLIR,
-  MODULE,
   Artifact,
   CompileError,
   Function,
@@ -165,9 +164,6 @@ def _cache_of(cache: bool | str | CompileCache | None) -> CompileCache | None:
   return cache if isinstance(cache, CompileCache) else CompileCache(cache)
 
 
-_ATTEMPTS = 4  # compiles at most: the first, then with more ops isolated each time
-
-
 def _races(binary: Binary) -> dict[str, list]:
   found = {kernel: find_races(spirv) for kernel, spirv in binary.spirv.items()}
   return {kernel: races for kernel, races in found.items() if races}
@@ -252,58 +248,115 @@ def export(
   target = get_target(target, metal_platform=metal_platform, cuda_arch=cuda_arch, vulkan_target=vulkan_target)
   graphdef, state = nnx.split(objects)
   layout = StateLayout.of(state)
-  model_name = model_name_of(objects)
-  keys = tuple(objects) if isinstance(objects, dict) else None
-  module_name = re.sub(r"\W", "_", model_name).lower()
   variables = _variables(state, layout, global_names([leaf.name for leaf in layout.leaves]), target)
-  # A program iree-compile fails to compile with the target's optional optimizations
-  # (the cpu target's data tiling) is compiled again without them. A kernel that
-  # races, or that still fails to compile, is compiled again with the matrix products
-  # and reductions it was formed from in kernels of their own.
-  isolate: dict[str, set[int]] = {}
-  for attempt in range(_ATTEMPTS):
-    lowered: dict[str, Lowered] = {
+  model_name = model_name_of(objects)
+  program = _Program(
+    graphdef=graphdef,
+    state=state,
+    layout=layout,
+    variables=variables,
+    functions=functions,
+    model_name=model_name,
+    module_name=re.sub(r"\W", "_", model_name).lower(),
+    object_keys=tuple(objects) if isinstance(objects, dict) else None,
+  )
+  build = _compile(program, target, tuple(extra_flags), _cache_of(cache), check_hazards)
+  manifest = _manifest(
+    objects=objects, layout=layout, target=build.target, build=build, variables=variables, hazards_checked=check_hazards
+  )
+  files = {**build.binary.files(), MLIR: build.mlir.encode()}
+  params = {v.global_name: np.asarray(value) for v, value in zip(variables, layout.flatten(state), strict=True)}
+  return Artifact(manifest, files, params, from_cache=build.cached)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+  """What export compiles: the split objects, their state variables and the functions to lower."""
+
+  graphdef: Any
+  state: nnx.State
+  layout: StateLayout
+  variables: tuple[Variable, ...]
+  functions: dict[str, Export]
+  model_name: str
+  module_name: str
+  object_keys: tuple[str, ...] | None
+
+  def lower(self, target: Target, isolate: dict[str, set[int]]) -> dict[str, Lowered]:
+    """Every function lowered for ``target``, with the contractions ``isolate`` names in kernels of their own."""
+    lowered = {
       name: lower_function(
-        graphdef,
-        state,
+        self.graphdef,
+        self.state,
         spec.fn,
         spec.args,
         name=name,
-        model_name=model_name,
+        model_name=self.model_name,
         method=spec.label,
-        object_keys=keys,
+        object_keys=self.object_keys,
         target=target,
         isolate=frozenset(isolate.get(name, ())),
       )
-      for name, spec in functions.items()
+      for name, spec in self.functions.items()
     }
     for each in lowered.values():
       check_target_support(each.sites, target)
-    specs = _function_specs(functions, lowered, layout, target)
-    mlir = assemble(module_name, lowered, interface(variables, specs))
+    return lowered
+
+
+@dataclasses.dataclass(frozen=True)
+class _Build:
+  """One compile of a program: what was lowered, the MLIR, what iree-compile made of it, the functions' interface."""
+
+  target: Target
+  lowered: dict[str, Lowered]
+  specs: dict[str, Function]
+  mlir: str
+  binary: Binary
+  cached: bool
+
+
+# Compiles at most: the first, then with more ops isolated each time.
+_ATTEMPTS = 4
+
+
+def _compile(
+  program: _Program, target: Target, extra_flags: tuple[str, ...], cache: CompileCache | None, check_hazards: bool
+) -> _Build:
+  """Compiles ``program``, retrying where IREE's code generation fails or races.
+
+  The policy: a program iree-compile fails to compile with the target's optional
+  optimizations (the cpu target's data tiling) is compiled again without them. A
+  kernel that races, or that still fails to compile, is compiled again with the
+  matrix products and reductions it was formed from in kernels of their own, up to
+  ``_ATTEMPTS`` compiles. A race that remains is a HazardError.
+  """
+  isolate: dict[str, set[int]] = {}
+  for attempt in range(_ATTEMPTS):
+    last = attempt + 1 == _ATTEMPTS
+    lowered = program.lower(target, isolate)
+    specs = _function_specs(program.functions, lowered, program.layout, target)
+    mlir = assemble(
+      program.module_name, lowered, [v.global_name for v in program.variables], interface(program.variables, specs)
+    )
     sites = {name: each.sites for name, each in lowered.items()}
     try:
-      binary, cached = compile_cached(mlir, module_name, target, tuple(extra_flags), _cache_of(cache), sites)
+      binary, cached = compile_cached(mlir, program.module_name, target, extra_flags, cache, sites)
     except CompileError as error:
       if target.speed_flags:
         target = dataclasses.replace(target, speed_flags=())
         continue
-      if attempt + 1 == _ATTEMPTS or not _widen(isolate, _contractions_of(error.kernels, lowered)):
+      if last or not _widen(isolate, _contractions_of(error.kernels, lowered)):
         raise
       continue
+    build = _Build(target, lowered, specs, mlir, binary, cached)
     racy = _races(binary) if target.spirv and check_hazards else {}
+    if not racy:
+      return build
     origins = {kernel: binary.origins.get(kernel, []) for kernel in racy}
-    if not racy or attempt + 1 == _ATTEMPTS or not _widen(isolate, _contractions_of(origins, lowered)):
-      break
-  if racy:
-    raise _hazard_error(binary, target, racy, lowered)
-
-  manifest = _manifest(objects, layout, target, binary, variables, specs, lowered, check_hazards)
-  files = {MODULE: binary.vmfb, MLIR: mlir.encode()}
-  files |= {f"msl/{name}.metal": source.encode() for name, source in binary.msl.items()}
-  files |= {f"spirv/{name}.spv": data for name, data in binary.spirv.items()}
-  params = {v.global_name: np.asarray(value) for v, value in zip(variables, layout.flatten(state), strict=True)}
-  return Artifact(manifest, files, params, from_cache=cached)
+    if last or not _widen(isolate, _contractions_of(origins, lowered)):
+      raise _hazard_error(binary, target, racy, lowered)
+  raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _function_specs(
@@ -328,11 +381,21 @@ def _function_specs(
   }
 
 
-def _manifest(objects, layout, target, binary, variables, specs, lowered, hazards_checked) -> Manifest:
+def _manifest(
+  *,
+  objects: Any,
+  layout: StateLayout,
+  target: Target,
+  build: _Build,
+  variables: tuple[Variable, ...],
+  hazards_checked: bool,
+) -> Manifest:
+  """The manifest of a compiled program: its interface, what compiling made, and what it was built with."""
   root = next(iter(objects.values())) if isinstance(objects, dict) else objects
+  binary, specs = build.binary, build.specs
   executables = _executables_by_function(binary.dispatches, list(specs))
   rewrites: dict[str, int] = {}
-  for each in lowered.values():
+  for each in build.lowered.values():
     for rewrite, count in each.rewrites.items():
       rewrites[rewrite] = rewrites.get(rewrite, 0) + count
   return Manifest(

@@ -20,7 +20,7 @@ from iree import compiler as ireec
 
 from ._stablehlo import OpSite, site_tags
 from ._targets import Target, device_targets_attribute
-from .runtime import CompileError
+from .runtime import MODULE, CompileError, kernel_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,12 @@ class Binary:
   compile_seconds: float
   calls: dict[str, int]
   origins: dict[str, list[tuple[str, int]]]
+
+  def files(self) -> dict[str, bytes]:
+    """The artifact files it makes: the module and each kernel's MSL and SPIR-V, named as artifacts name them."""
+    files = {MODULE: self.vmfb}
+    files |= {kernel_file("msl", name): source.encode() for name, source in self.msl.items()}
+    return files | {kernel_file("spirv", name): data for name, data in self.spirv.items()}
 
 
 # iree-org/iree#24753 (open, since IREE 3.12): modules with a stablehlo.while fail at

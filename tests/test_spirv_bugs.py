@@ -47,7 +47,7 @@ def _raw(fn, x: np.ndarray, target: str) -> tuple[np.ndarray, object]:
   module = jax.jit(fn).lower(x).compiler_ir("stablehlo")
   clean_for_iree(module)
   binary = compile_module(module_text(module), "jit_fn", nnxc.get_target(target))
-  runtime = nnxc.get_target(target)
+  runtime = nnxc.get_target(target).runtime
   device = DeviceModule(binary.vmfb, open_device(runtime.drivers[0], subgroup_size=runtime.subgroup_size))
   (result,) = device.invoke(device.function("main"), [x])
   want = np.asarray(fn(x))
