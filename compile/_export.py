@@ -23,7 +23,7 @@ from ._layout import Leaf, StateLayout
 from ._lower import Lowered, lower_function, method_caller, model_name_of
 from ._stablehlo import check_target_support
 from ._targets import Target, get_target
-from .rewrites import CONTRACTIONS
+from .rewrites._isolation import CONTRACTIONS
 from .runtime import (
   MLIR,
   Artifact,

@@ -13,6 +13,7 @@ from . import rewrites
 from ._layout import Leaf, StateLayout
 from ._stablehlo import OpSite, clean_for_iree, embeddable_functions, module_text
 from ._targets import Target, get_target
+from .rewrites._isolation import isolate_sites
 from .runtime import StateMismatchError
 
 
@@ -163,7 +164,7 @@ def lower_function(
     object_keys: for a dict of objects, the order in which ``fn`` takes them.
     target: apply this target's StableHLO rewrites (None: the module as JAX lowered it).
     isolate: site indices of contractions to put in dispatches of their own (see
-      ``compile.rewrites.isolate_contractions``; export passes those whose kernels raced or failed).
+      ``compile.rewrites._isolation.isolate_sites``; export passes those whose kernels raced or failed).
   """
   layout = StateLayout.of(state)
   changed: list[int] = []
@@ -176,7 +177,7 @@ def lower_function(
   sites = clean_for_iree(module, scope=name)
   rewrite_counts = rewrites.apply(module, target.rewrites) if target is not None else {}
   if isolate:
-    rewrite_counts[rewrites.ISOLATE_CONTRACTIONS] = rewrites.isolate_contractions(module, name, isolate)
+    rewrite_counts[rewrites.ISOLATE_CONTRACTIONS] = isolate_sites(module, name, isolate)
   mlir = module_text(module)
   main_type = _main_function_type(module)
   num_state, num_outputs = len(layout.leaves), len(main_type.results) - len(changed)

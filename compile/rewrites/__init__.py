@@ -30,27 +30,11 @@ COMMON = ("decompose_select_and_scatter",)
 CPU = (*COMMON, "kernel_gradients_as_products")
 SPIRV = ("widen_bfloat16", *COMMON, "split_grouped_convolutions", "isolate_reductions")
 
-# Not a target's rewrite: export isolates the contractions of kernels that raced or failed to compile.
+# Not a target's rewrite: export isolates the contractions of kernels that raced or failed to compile
+# (``_isolation.isolate_sites``).
 ISOLATE_CONTRACTIONS = "isolate_contractions"
 
 
 def apply(module, names: tuple[str, ...]) -> dict[str, int]:
   """Runs the rewrites ``names`` on ``module`` (an MLIR module) in place; returns how many ops each changed."""
   return {name: getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)(module) for name in names}
-
-
-def isolate_contractions(module, scope: str, indices: frozenset[int]) -> int:
-  """Isolates the contraction ops of ``scope`` tagged with ``indices`` (see ``_isolation.isolate_sites``)."""
-  from ._isolation import isolate_sites
-
-  return isolate_sites(module, scope, indices)
-
-
-# The StableHLO ops whose kernels export may isolate (products and reductions).
-CONTRACTIONS = (
-  "stablehlo.dot_general",
-  "stablehlo.dot",
-  "stablehlo.convolution",
-  "stablehlo.reduce",
-  "stablehlo.reduce_window",
-)

@@ -8,7 +8,6 @@ from jax.extend.mlir import ir
 from jax.extend.mlir.dialects import stablehlo
 
 from .._stablehlo import SITE_TAG
-from . import CONTRACTIONS
 
 _REDUCTIONS = ("stablehlo.reduce", "stablehlo.reduce_window")
 
@@ -83,6 +82,11 @@ def isolate_reductions(module: ir.Module) -> int:
     for op in reductions:
       _isolate(op)
   return len(reductions)
+
+
+# The StableHLO ops whose kernels export may isolate: products, and reductions (where IREE's SPIR-V code
+# generation keeps partial results in workgroup memory, and where kernel races have been seen).
+CONTRACTIONS = ("stablehlo.dot_general", "stablehlo.dot", "stablehlo.convolution", *_REDUCTIONS)
 
 
 def isolate_sites(module: ir.Module, scope: str, indices: frozenset[int]) -> int:
