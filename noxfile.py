@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import tempfile
 
 import nox
 
@@ -47,16 +48,24 @@ def tests(session: nox.Session) -> None:
   """Runs the test suite: parity on cpu, vulkan and the Metal stand-in, Metal builds, errors, attacks."""
   _install_system_packages(session)
   session.install("-e", ".[test]")
-  session.run("pytest", *session.posargs, env=STANDIN_LANES)
-  if not session.posargs:
-    session.run("pytest", "-m", "target_vulkan", "-q", env=EIGHT_LANES)
+  # One compile cache for both runs (lane width changes how lavapipe runs kernels, not what
+  # iree-compile makes), fresh each session; tests run in one worker per core (pytest-xdist).
+  cache = {"NNX_METAL_TEST_CACHE": tempfile.mkdtemp(prefix="nnx-metal-test-cache-")}
+  try:
+    session.run("pytest", "-n", "auto", "--durations=25", *session.posargs, env={**STANDIN_LANES, **cache})
+    if not session.posargs:
+      session.run("pytest", "-n", "auto", "-m", "target_vulkan", "-q", env={**EIGHT_LANES, **cache})
+  finally:
+    shutil.rmtree(cache["NNX_METAL_TEST_CACHE"], ignore_errors=True)
 
 
 @nox.session(python="3.11")
 def metal(session: nox.Session) -> None:
   """Compiles every zoo model for Metal into build/metal/<model>/ and prints a table."""
   session.install("-e", ".")
-  session.run("python", "-m", "nnx_models.tools.build_zoo", "--target", "metal", "--out", "build/metal", *session.posargs)
+  session.run(
+    "python", "-m", "nnx_models.tools.build_zoo", "--target", "metal", "--out", "build/metal", *session.posargs
+  )
 
 
 @nox.session(python="3.11")

@@ -96,8 +96,18 @@ def assert_trees_allclose(actual, expected, *, rtol: float, atol: float) -> None
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_compile_cache(tmp_path_factory):
-  """Tests compile into their own cache, never the user's ~/.cache/nnx-metal."""
-  os.environ["NNX_METAL_CACHE"] = str(tmp_path_factory.mktemp("compile-cache"))
+  """Tests compile into their own cache, never the user's ~/.cache/nnx-metal.
+
+  One cache for the whole run: ``NNX_METAL_TEST_CACHE`` where the runner sets it (``nox -s tests``
+  shares one between its two pytest runs), else one beside the workers' temporary directories, so
+  tests in different xdist workers that build the same program compile it once.
+  """
+  shared = os.environ.get("NNX_METAL_TEST_CACHE")
+  if shared is None:
+    base = tmp_path_factory.getbasetemp()
+    shared = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "compile-cache")
+  os.makedirs(shared, exist_ok=True)
+  os.environ["NNX_METAL_CACHE"] = shared
 
 
 @pytest.fixture
