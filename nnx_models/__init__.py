@@ -33,6 +33,7 @@ from ._quantize import QuantizationError as QuantizationError
 from ._quantize import QuantizedEmbed as QuantizedEmbed
 from ._quantize import QuantizedLinear as QuantizedLinear
 from ._quantize import QuantizedParam as QuantizedParam
+from ._quantize import dequantize as dequantize
 from ._quantize import quantize as quantize
 from ._realistic import REALISTIC as REALISTIC
 from ._realistic import RealisticEntry as RealisticEntry

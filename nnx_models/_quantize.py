@@ -61,6 +61,15 @@ class QuantizedLinear(nnx.Module):
     """The float32 kernel this layer computes with."""
     return self.kernel[...].astype(jnp.float32) * self.scale[...]
 
+  def to_float(self) -> nnx.Linear:
+    """An ``nnx.Linear`` with the dequantized kernel (the bias is shared)."""
+    din, dout = self.kernel.shape
+    linear = nnx.Linear(din, dout, use_bias=self.bias is not None, rngs=nnx.Rngs(0))
+    linear.kernel[...] = self.dequantized()
+    if self.bias is not None:
+      linear.bias = self.bias
+    return linear
+
 
 class QuantizedEmbed(nnx.Module):
   """An embedding table of int8 rows with one float32 scale per row, for lookups and ``attend``."""
@@ -76,6 +85,12 @@ class QuantizedEmbed(nnx.Module):
   def attend(self, query: jax.Array) -> jax.Array:
     """``query @ table.T``, as ``nnx.Embed.attend`` (a tied output projection), scaled per row of the table."""
     return jnp.dot(query, self.embedding[...].astype(query.dtype).T) * self.scale[...].astype(query.dtype)
+
+  def to_float(self) -> nnx.Embed:
+    """An ``nnx.Embed`` with the dequantized table."""
+    embed = nnx.Embed(*self.embedding.shape, rngs=nnx.Rngs(0))
+    embed.embedding[...] = self.embedding[...].astype(jnp.float32) * self.scale[...][:, None]
+    return embed
 
 
 def quantize(
@@ -116,3 +131,16 @@ def quantize(
     return QuantizedEmbed(node) if isinstance(node, nnx.Embed) else QuantizedLinear(node)
 
   return nnx.recursive_map(replace, model)
+
+
+def dequantize(model: nnx.Module) -> nnx.Module:
+  """Returns ``model`` with each quantized layer back as a float32 ``nnx.Linear``/``nnx.Embed`` (dequantized weights).
+
+  The float model computes what the quantized one does, up to float rounding: the
+  reference that isolates the kernels' dequantization from the quantization error.
+  """
+
+  def unquantize(path, node):
+    return node.to_float() if isinstance(node, QuantizedLinear | QuantizedEmbed) else node
+
+  return nnx.recursive_map(unquantize, model)
