@@ -1,4 +1,4 @@
-"""The benchmark tool (`nox -s bench`): runs as a user runs it, and refuses bad arguments in one line."""
+"""The zoo's tools, run as a user runs them: the Metal build (`nox -s metal`) and the benchmarks (`nox -s bench`)."""
 
 import subprocess
 import sys
@@ -6,10 +6,29 @@ import sys
 import pytest
 
 
-def bench(*args: str) -> subprocess.CompletedProcess:
+def tool(name: str, *args: str) -> subprocess.CompletedProcess:
   return subprocess.run(
-    [sys.executable, "-m", "nnx_models.tools.bench", *args], capture_output=True, text=True, timeout=900
+    [sys.executable, "-m", f"nnx_models.tools.{name}", *args], capture_output=True, text=True, timeout=900
   )
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+  return tool("bench", *args)
+
+
+def test_a_second_build_with_nothing_changed_reuses_the_artifacts(tmp_path):
+  out = tmp_path / "metal"
+  first = tool("build_zoo", "--target", "metal", "--out", str(out), "--only", "linear", "catalog_embed")
+  assert first.returncode == 0, first.stderr
+  manifests = {p.parent.name: p.read_bytes() for p in out.glob("*/manifest.json")}
+  assert sorted(manifests) == ["catalog_embed", "linear"]
+  second = tool("build_zoo", "--target", "metal", "--out", str(out), "--only", "linear", "catalog_embed")
+  assert second.returncode == 0, second.stderr
+  rows = [line for line in second.stdout.splitlines() if line.startswith(("linear ", "catalog_embed "))]
+  assert rows and all(" reused " in row for row in rows), second.stdout
+  assert {p.parent.name: p.read_bytes() for p in out.glob("*/manifest.json")} == manifests
+  rebuilt = tool("build_zoo", "--target", "metal", "--out", str(out), "--only", "linear", "--rebuild")
+  assert rebuilt.returncode == 0 and " reused " not in rebuilt.stdout, rebuilt.stdout
 
 
 def test_a_quick_run_writes_the_tables(tmp_path):
