@@ -19,6 +19,8 @@ MAX_DEPTH = 32
 # Objects and lists a manifest may hold: 1M is 10 times a 100k-variable model's, and caps what
 # parsing allocates (a 63 MiB file of empty objects would be 21M dicts, 1.5 GB).
 MAX_CONTAINERS = 1 << 20
+# Values in lists and objects (commas, counted the same way): 2M, 15 per variable of that model.
+MAX_VALUES = 1 << 21
 # Digits of an integer literal: Python's int() is quadratic in them (and refuses more than 4300).
 MAX_INTEGER_DIGITS = 40
 # Characters no text field of a manifest holds: controls (terminal escapes), bidirectional
@@ -54,12 +56,13 @@ def parse_json(text: str | bytes) -> Any:
     ArtifactError: not valid UTF-8 JSON, nested too deep, more than ``MAX_CONTAINERS``
       objects and lists, a key twice in one object, or an integer of more than ``MAX_INTEGER_DIGITS`` digits.
   """
-  opening = (b"{", b"[") if isinstance(text, bytes) else ("{", "[")
-  containers = text.count(opening[0]) + text.count(opening[1])  # an upper bound: brackets in strings count too
-  if containers > MAX_CONTAINERS:
+  opening, comma = ((b"{", b"["), b",") if isinstance(text, bytes) else (("{", "["), ",")
+  containers = text.count(opening[0]) + text.count(opening[1])  # upper bounds: brackets in strings count too
+  values = text.count(comma)
+  if containers > MAX_CONTAINERS or values > MAX_VALUES:
     raise ArtifactError(
-      f"{MANIFEST} holds {containers} objects and lists, more than the {MAX_CONTAINERS} a manifest may. "
-      "The artifact is corrupt or was edited; export it again."
+      f"{MANIFEST} holds {containers} objects and lists and {values} values, more than the {MAX_CONTAINERS} and "
+      f"{MAX_VALUES} a manifest may. The artifact is corrupt or was edited; export it again."
     )
   try:
     return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_int=_integer_literal)

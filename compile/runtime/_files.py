@@ -158,14 +158,22 @@ def _remove(path: pathlib.Path) -> None:
 
 
 def _is_temporary_of(sibling: pathlib.Path, path: pathlib.Path) -> bool:
-  """Whether ``sibling`` is a temporary a dead save of ``path`` left: named like one, a real directory, marked."""
+  """Whether ``sibling`` is a temporary a dead save of ``path`` left: named like one, a real directory, and marked
+  (or holding nothing but a marker being written: a save killed between making it and marking it, or after
+  emptying it)."""
   match = _TEMPORARY.fullmatch(sibling.name)
   if not match or match["name"] != path.name[:_NAME_IN_TEMPORARY] or _alive(int(match["pid"])):
     return False
   try:
-    if not stat.S_ISDIR(os.lstat(sibling).st_mode) or not stat.S_ISREG(os.lstat(sibling / MARKER).st_mode):
+    if not stat.S_ISDIR(os.lstat(sibling).st_mode):
       return False
-    return (sibling / MARKER).read_text() == path.name
+    entries = os.listdir(sibling)
+    if not entries:
+      return True
+    if MARKER not in entries or not stat.S_ISREG(os.lstat(sibling / MARKER).st_mode):
+      return False
+    marker = (sibling / MARKER).read_text()
+    return marker == path.name or (entries == [MARKER] and path.name.startswith(marker))
   except (OSError, UnicodeDecodeError):
     return False
 
@@ -196,6 +204,7 @@ def _keep(old: pathlib.Path, tmp: pathlib.Path, relative: str) -> None:
       "nothing was written. Move it away and save again."
     )
   info = os.lstat(source)
+  target.parent.mkdir(parents=True, exist_ok=True)  # a folder the new artifact lacks (spirv/ when it is for cpu)
   if stat.S_ISDIR(info.st_mode):
     os.mkdir(target, stat.S_IMODE(info.st_mode))
     for name in sorted(os.listdir(source)):
