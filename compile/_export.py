@@ -9,6 +9,7 @@ kernels are checked for data races (see ``docs/programs.md``).
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -38,9 +39,12 @@ from .runtime import (
   function_name_problem,
   global_names,
   interface,
+  known_variable_class,
   path_name,
+  register_output_type,
   register_variable_type,
   sha256,
+  unflatten_outputs,
   user_metadata,
 )
 from .spirv import find_races
@@ -71,7 +75,9 @@ def method(name: str = "__call__", /, *args: Any, mode: str | None = None) -> Ex
   Example:
     >>> functions = {"train": method("__call__", x, mode="train"), "eval": method("__call__", x, mode="eval")}
   """
-  caller = method_caller(name, mode)
+  if mode not in (None, "train", "eval"):
+    raise ValueError(f"mode must be 'train', 'eval' or None, not {mode!r}.")
+  caller = method_caller(name)  # export puts the model in ``mode`` before the static attributes are compared
 
   def call(model, *others_and_inputs):
     # With a dict of objects the other objects come first; the inputs are always the last len(args).
@@ -93,20 +99,58 @@ def graphdef_fingerprint(objects: Any, layout: StateLayout) -> str:
 
 
 def output_structure(treedef: Any) -> dict[str, Any]:
-  """A JSON description of a return value's structure that the runtime rebuilds without JAX."""
+  """A JSON description of a return value's structure that the runtime rebuilds (see ``runtime/_pytrees.py``).
 
-  def encode(node: Any) -> dict[str, Any]:
-    if isinstance(node, int):
-      return {"leaf": node}
-    if node is None:
-      return {"none": None}
-    if isinstance(node, dict):
-      return {"dict": [[str(key), encode(value)] for key, value in node.items()]}
-    if isinstance(node, tuple | list) and type(node) in (tuple, list):
-      return {type(node).__name__: [encode(item) for item in node]}
-    return {"tuple": [encode(leaf) for leaf in jax.tree.leaves(node)]}  # other pytrees come back as tuples
+  nnx.State (by path), Variables, dicts, NamedTuples and registered dataclasses keep their type;
+  their classes are registered so that this process's Programs return them. A pytree the runtime
+  could not rebuild as itself (another custom node, a dataclass with static fields) comes back as a
+  dict of its children, with a warning.
+  """
+  example = jax.tree.unflatten(treedef, list(range(treedef.num_leaves)))
+  structure = _encode(example, typed=True)
+  try:
+    rebuilt = unflatten_outputs(structure, list(range(treedef.num_leaves)), known_variable_class)
+    same = jax.tree.structure(rebuilt) == treedef
+  except Exception:  # noqa: BLE001 - a user's class whose constructor refuses its own fields
+    same = False
+  if same:
+    return structure
+  warnings.warn(
+    f"A program cannot rebuild this return value as its own type ({str(treedef):.200}); it returns the "
+    "parts that are not a tuple, list, dict, nnx.State, NamedTuple or plain dataclass as dicts of their children.",
+    stacklevel=4,
+  )
+  return _encode(example, typed=False)
 
-  return encode(jax.tree.unflatten(treedef, list(range(treedef.num_leaves))))
+
+def _encode(node: Any, typed: bool) -> dict[str, Any]:
+  """The structure of ``node``, a return value whose leaves are their indices."""
+  if isinstance(node, int) and not isinstance(node, bool):
+    return {"leaf": node}
+  if node is None:
+    return {"none": None}
+  if type(node) in (tuple, list):
+    return {type(node).__name__: [_encode(item, typed) for item in node]}
+  if type(node) is dict and all(isinstance(key, str) for key in node):
+    return {"dict": [[key, _encode(value, typed)] for key, value in node.items()]}
+  if isinstance(node, nnx.State):
+    return {"state": [[list(path), _encode(value, typed)] for path, value in nnx.to_flat_state(node)]}
+  if isinstance(node, nnx.Variable):
+    register_variable_type(type(node))
+    value = _encode(node.get_value(), typed)
+    return {"variable": {"class": class_path(type(node)), "type": type(node).__name__, "value": value}}
+  children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+  named = [(getattr(key, "name", None), child) for (key,), child in children]
+  kind = None
+  if isinstance(node, tuple) and hasattr(type(node), "_fields"):
+    kind = "namedtuple"
+  elif dataclasses.is_dataclass(node):
+    kind = "dataclass"
+  if typed and kind and all(isinstance(name, str) for name, _ in named):
+    register_output_type(type(node))
+    content = [[name, _encode(child, typed)] for name, child in named]
+    return {kind: {"class": class_path(type(node)), "fields": content}}
+  return {"dict": [[jax.tree_util.keystr((key,)), _encode(child, typed)] for (key,), child in children]}
 
 
 def _tensor(leaf: Leaf, target: Target) -> Tensor:
@@ -296,6 +340,7 @@ class _Program:
         object_keys=self.object_keys,
         target=target,
         isolate=frozenset(isolate.get(name, ())),
+        mode=spec.mode,
       )
       for name, spec in self.functions.items()
     }

@@ -14,7 +14,7 @@ from ._layout import Leaf, StateLayout
 from ._stablehlo import OpSite, clean_for_iree, embeddable_functions, module_text
 from ._targets import Target, get_target
 from .rewrites._isolation import isolate_sites
-from .runtime import StateMismatchError
+from .runtime import StateMismatchError, path_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,18 +100,91 @@ def method_caller(method: str, mode: str | None = None) -> Callable:
   return call
 
 
+def set_mode(objects: Any, mode: str | None) -> None:
+  """Puts the (first) object in ``mode`` ('train' or 'eval'); None leaves it as it is."""
+  if mode is not None:
+    getattr(next(iter(objects.values())) if isinstance(objects, dict) else objects, mode)()
+
+
+def _static_attributes(objects: Any) -> dict[tuple, Any]:
+  """``{path: value}`` of the object graph's static attributes: what the GraphDef holds besides its structure."""
+  return {
+    path: node
+    for path, node in nnx.iter_graph(objects)
+    if not (nnx.graph.is_graph_node(node) or _holds_data(node))
+    and not str(path[-1] if path else "").startswith("_pytree__")
+  }
+
+
+def _holds_data(node: Any) -> bool:
+  """Whether ``node`` is or holds a Variable or an array (a dict of BatchStats is state, not a static value)."""
+  leaves = jax.tree.leaves(node, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return any(isinstance(leaf, nnx.Variable | jax.Array | np.ndarray) for leaf in leaves)
+
+
+def _same(before: Any, after: Any) -> bool:
+  if before is after:
+    return True
+  try:
+    return bool(before == after)
+  except Exception:  # noqa: BLE001 - a user's attribute whose == raises or is ambiguous: treat it as changed
+    return False
+
+
+def static_changes(before: dict[tuple, Any], after: dict[tuple, Any]) -> list[str]:
+  """What changed between two :func:`_static_attributes` snapshots, one line per attribute."""
+  lines = []
+  for path in sorted(before.keys() | after.keys(), key=repr):
+    if path in before and path in after and _same(before[path], after[path]):
+      continue
+    name = path_name(path)
+    if path not in after:
+      lines.append(f"deletes the attribute {name}")
+    elif path not in before:
+      lines.append(f"adds the attribute {name} = {after[path]!r:.60}")
+    else:
+      lines.append(f"changes the attribute {name} from {before[path]!r:.60} to {after[path]!r:.60}")
+  return lines
+
+
+@dataclasses.dataclass
+class _Trace:
+  """What one trace of the pure function found out about the objects, besides its StableHLO.
+
+  Attributes:
+    changed: indices of the state leaves the function assigned.
+    static_before, static_after: the static attributes before and after the call.
+    graphdef_after: the objects' GraphDef after the call (their static attributes included).
+  """
+
+  changed: list[int] = dataclasses.field(default_factory=list)
+  static_before: dict[tuple, Any] = dataclasses.field(default_factory=dict)
+  static_after: dict[tuple, Any] = dataclasses.field(default_factory=dict)
+  graphdef_after: Any = None
+
+
 def _pure_function(
-  graphdef: nnx.GraphDef, layout: StateLayout, fn: Callable, changed: list[int], keys: tuple[str, ...] | None
+  graphdef: nnx.GraphDef,
+  layout: StateLayout,
+  fn: Callable,
+  trace: _Trace,
+  keys: tuple[str, ...] | None,
+  mode: str | None = None,
 ) -> Callable:
-  """``pure(state_values, *args) -> (outputs, changed_values)``; records the changed indices in ``changed``."""
+  """``pure(state_values, *args) -> (outputs, changed_values)``; records what it saw in ``trace``."""
 
   def pure(state_values, *args):
     values = layout.data_to_keys(state_values)
     objects = nnx.merge(graphdef, jax.tree.unflatten(layout.treedef, values))
+    set_mode(objects, mode)
+    trace.static_before = _static_attributes(objects)
     outputs = call_with_objects(objects, fn, args, keys)
+    trace.static_after = _static_attributes(objects)
+    trace.graphdef_after = nnx.graphdef(objects)
     new_values = layout.values(nnx.state(objects))
     # A Variable the function did not assign still holds the very value it was given.
-    changed[:] = [i for i, (old, new) in enumerate(zip(values, new_values, strict=True)) if old is not new]
+    changed = [i for i, (old, new) in enumerate(zip(values, new_values, strict=True)) if old is not new]
+    trace.changed[:] = changed
     for i in changed:
       _check_unchanged_type(layout.leaves[i], values[i], new_values[i])
     is_key = [layout.leaves[i].key_impl is not None for i in changed]
@@ -119,6 +192,42 @@ def _pure_function(
     return outputs, [jax.random.key_data(v) if key else v for v, key in zip(updated, is_key, strict=True)]
 
   return pure
+
+
+def _check_repeatable(
+  graphdef: nnx.GraphDef,
+  layout: StateLayout,
+  fn: Callable,
+  trace: _Trace,
+  keys: tuple[str, ...] | None,
+  mode: str | None,
+  inputs: tuple,
+) -> None:
+  """Refuses a function whose trace changed static attributes unless tracing it again would give the same program.
+
+  A compiled program replays its one trace; eagerly (and under ``nnx.jit``) the Python
+  runs every call. Setting a mode flag (``model.eval()`` inside the function) changes
+  attributes but is idempotent: traced again from the changed objects, the function
+  computes the same and changes nothing more. A counter (``self.calls += 1``) is not.
+  """
+  changes = static_changes(trace.static_before, trace.static_after)
+  if not changes:
+    return
+  again = _Trace()
+  first = jax.make_jaxpr(_pure_function(graphdef, layout, fn, _Trace(), keys, mode))(*inputs)
+  second = jax.make_jaxpr(_pure_function(trace.graphdef_after, layout, fn, again, keys, mode))(*inputs)
+  if str(first) == str(second) and not static_changes(trace.static_after, again.static_after):
+    return
+  name = next(line.split()[3] for line in changes)  # "<verb> the attribute <name> ..."
+  attr = name.rpartition(".")[2]
+  raise StateMismatchError(
+    f"The function {'; '.join(changes[:3])} while it is traced, and so would compute differently the next call. "
+    "A compiled program replays the one trace made at export: it would never see the change (eagerly, and "
+    "under nnx.jit, the Python runs every call). Hold the value in an nnx.Variable "
+    f"(e.g. self.{attr} = nnx.Variable(jnp.array(0)), then self.{attr}[...] += 1), so that it is "
+    "state the program updates; or, for a flag such as deterministic, set it before exporting "
+    "(method(..., mode='eval'))."
+  )
 
 
 def _check_unchanged_type(leaf: Leaf, old: Any, new: Any) -> None:
@@ -151,6 +260,7 @@ def lower_function(
   object_keys: tuple[str, ...] | None = None,
   target: Target | None = None,
   isolate: frozenset[int] = frozenset(),
+  mode: str | None = None,
 ) -> Lowered:
   """Lowers ``fn(*objects, *args)`` on the objects ``graphdef`` and ``state`` describe.
 
@@ -165,13 +275,20 @@ def lower_function(
     target: apply this target's StableHLO rewrites (None: the module as JAX lowered it).
     isolate: site indices of contractions to put in dispatches of their own (see
       ``compile.rewrites._isolation.isolate_sites``; export passes those whose kernels raced or failed).
+    mode: put the (first) object in this mode ('train'/'eval') before calling ``fn`` (None: as it is).
+
+  Raises:
+    StateMismatchError: ``fn`` changed a static attribute of the objects (a plain Python value) or the
+      shape or dtype of a state leaf; a compiled program could not repeat that.
   """
   layout = StateLayout.of(state)
-  changed: list[int] = []
-  pure = _pure_function(graphdef, layout, fn, changed, object_keys)
+  trace = _Trace()
+  pure = _pure_function(graphdef, layout, fn, trace, object_keys, mode)
   pure.__name__ = name
   shapes = jax.eval_shape(lambda *a: a, *args)
   traced = jax.jit(pure, keep_unused=True).lower(layout.flatten(state), *shapes)
+  _check_repeatable(graphdef, layout, fn, trace, object_keys, mode, (layout.flatten(state), *shapes))
+  changed = trace.changed
   flops = _flops(traced)  # before the module is rewritten in place below
   module = traced.compiler_ir("stablehlo")
   sites = clean_for_iree(module, scope=name)

@@ -42,6 +42,8 @@ from ._interface import path_name as path_name
 from ._manifest import Manifest as Manifest
 from ._program import Program as Program
 from ._program import ProgramFunction as ProgramFunction
+from ._pytrees import register_output_type as register_output_type
+from ._pytrees import unflatten_outputs as unflatten_outputs
 from ._records import Function as Function
 from ._records import Tensor as Tensor
 from ._records import Variable as Variable
@@ -51,5 +53,6 @@ from ._targets import STANDIN_SUBGROUP_SIZE as STANDIN_SUBGROUP_SIZE
 from ._targets import TARGET_NAMES as TARGET_NAMES
 from ._targets import RuntimeTarget as RuntimeTarget
 from ._variables import class_path as class_path
+from ._variables import known_variable_class as known_variable_class
 from ._variables import register_variable_type as register_variable_type
 from ._variables import user_metadata as user_metadata

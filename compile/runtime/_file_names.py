@@ -13,7 +13,7 @@ Layout::
 import re
 
 FORMAT = "nnx-metal-artifact"
-FORMAT_VERSION = 3  # 3: no compile_seconds; a global name taken already gets $2, $3, ...
+FORMAT_VERSION = 4  # 3: no compile_seconds; global names taken get $2, $3, ...; 4: output pytree kinds
 MANIFEST = "manifest.json"
 MODULE = "module.vmfb"
 PARAMS = "params.irpa"

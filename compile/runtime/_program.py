@@ -18,6 +18,7 @@ from ._device import DeviceModule, open_device
 from ._errors import SignatureError, StateMismatchError, UnknownTargetError
 from ._interface import GET_STATE, PARAMETER_SCOPE, SET_STATE, path_name
 from ._params import params_index
+from ._pytrees import unflatten_outputs
 from ._records import Function, Tensor, Variable
 
 if TYPE_CHECKING:  # Artifact.load makes Programs; a Program only reads its artifact
@@ -48,19 +49,6 @@ def flatten_inputs(tree: Any, depth: int = 0) -> list[Any]:
   if tree is None:
     return []
   return [tree]
-
-
-def unflatten_outputs(structure: dict[str, Any], leaves: list[np.ndarray]) -> Any:
-  """Rebuilds a function's return value from its manifest ``structure``."""
-  ((kind, content),) = structure.items()
-  if kind == "leaf":
-    return leaves[content]
-  if kind == "none":
-    return None
-  if kind == "dict":
-    return {key: unflatten_outputs(sub, leaves) for key, sub in content}
-  items = [unflatten_outputs(sub, leaves) for sub in content]
-  return items if kind == "list" else tuple(items)
 
 
 def host_array(value: Any, tensor: Tensor, what: str) -> np.ndarray:
@@ -100,7 +88,7 @@ class ProgramFunction:
     with self._program._lock:
       views = self._program._module.invoke(self._function, inputs)
       leaves = [self._program._host(view, tensor) for view, tensor in zip(views, self.spec.outputs, strict=True)]
-    return unflatten_outputs(self.spec.structure, leaves)
+    return unflatten_outputs(self.spec.structure, leaves, _variables.known_variable_class)
 
 
 class Program:

@@ -10,7 +10,6 @@ from typing import Any
 
 from . import _dtypes
 from ._fields import (
-  MAX_DEPTH,
   Fields,
   fail,
   integer,
@@ -26,6 +25,7 @@ from ._fields import (
 )
 from ._file_names import KERNEL_NAME
 from ._interface import GLOBAL_NAME, IDENTIFIER, KEY_IMPLS, KEY_WORDS, path_name
+from ._pytrees import structure_check, structure_leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,42 +132,6 @@ def variable_check(demote_f64: bool) -> Callable[[Any, str], Variable]:
   return check
 
 
-def structure_check(value: Any, where: str, depth: int = 0) -> dict[str, Any]:
-  """A return value's shape: ``{"leaf": i}``, ``{"none": null}``, ``{"tuple"|"list": [...]}`` or ``{"dict": [...]}``."""
-  if depth > MAX_DEPTH or not isinstance(value, dict) or len(value) != 1:
-    raise fail(where, "must be one of {leaf}, {none}, {tuple}, {list}, {dict}, nested at most 32 deep")
-  ((kind, content),) = value.items()
-  if kind == "leaf":
-    return {"leaf": integer(content, f"{where}.leaf")}
-  if kind == "none" and content is None:
-    return {"none": None}
-  if kind in ("tuple", "list"):
-    items = list_of(lambda v, w: structure_check(v, w, depth + 1), limit=1 << 16)(content, f"{where}.{kind}")
-    return {kind: list(items)}
-  if kind == "dict" and isinstance(content, list):
-    pairs = []
-    for i, pair in enumerate(content):
-      if not (isinstance(pair, list) and len(pair) == 2):
-        raise fail(f"{where}.dict[{i}]", "must be a [key, value] pair")
-      pairs.append(
-        [string(pair[0], f"{where}.dict[{i}][0]"), structure_check(pair[1], f"{where}.dict[{i}][1]", depth + 1)]
-      )
-    return {"dict": pairs}
-  raise fail(where, f"has unknown kind {kind!r}")
-
-
-def structure_leaves(structure: dict[str, Any]) -> list[int]:
-  """The leaf indices of a structure, in order."""
-  ((kind, content),) = structure.items()
-  if kind == "leaf":
-    return [content]
-  if kind == "dict":
-    return [leaf for _, sub in content for leaf in structure_leaves(sub)]
-  if kind in ("tuple", "list"):
-    return [leaf for sub in content for leaf in structure_leaves(sub)]
-  return []
-
-
 @dataclasses.dataclass(frozen=True)
 class Function:
   """One exported function of the program.
@@ -177,7 +141,7 @@ class Function:
     label: what it is (``__call__ (train)``, ``train_step``), for reports.
     method, mode: for a method export, the method and NNX mode it calls (reports replay it eagerly).
     inputs, outputs: its flat inputs and outputs.
-    structure: the pytree shape of its return value (see :func:`structure_leaves`).
+    structure: the pytree shape of its return value (see ``_pytrees.py``).
     updates: the names of the state variables it writes back.
     executables: the kernels named after it (shared ones are named after their first user).
     dispatch_count: kernels it launches per call.

@@ -77,6 +77,11 @@ def rebuild(variable: Variable, value: Any) -> Any:
     raise ArtifactError(f"State variable {variable.name}: {cls.__name__} refuses its metadata ({e}).") from None
 
 
+def known_variable_class(path: str) -> type | None:
+  """The Variable class ``path`` (``module:qualname``) names, if flax has it or it was registered; else None."""
+  return _REGISTERED.get(path) or _flax_types().get(path)
+
+
 def resolve(variable: Variable) -> type | None:
   """The class of ``variable``; None for a plain array of the State (an attribute marked ``nnx.data``).
 
