@@ -31,6 +31,7 @@ from tests.conftest import TOLERANCES, assert_trees_allclose, require_device, sk
 REQUIREMENT = "c-runtime"
 TESTS_C = pathlib.Path(__file__).parent / "c"
 ADAMW_STEPS = 10
+ADAMW_LR = 1e-2
 # Each driver a target's artifact runs on, as the parametrization of the parity tests.
 RUNS = [("cpu", "local-sync"), ("cpu", "local-task"), ("metal-vulkan", "vulkan")]
 
@@ -115,6 +116,11 @@ def python_session(artifact_dir, driver, calls):
   return program, results
 
 
+def _bits(array: np.ndarray) -> np.ndarray:
+  """The bytes of an array: equal bits, not equal values (NaN equals NaN, -0.0 is not 0.0)."""
+  return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
 def assert_same_run(c_build, artifact_dir, driver, calls, tmp):
   """C and Python, same calls: outputs and the final state equal bit for bit (the state through a C save)."""
   saved = tmp / "saved"
@@ -123,11 +129,11 @@ def assert_same_run(c_build, artifact_dir, driver, calls, tmp):
   for k, (name, _) in enumerate(calls):
     for i, (a, b) in enumerate(zip(got[k], want[k], strict=True)):
       assert a.dtype == b.dtype and a.shape == b.shape, f"{name} output {i}"
-      np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"call {k} {name} output {i}")
+      np.testing.assert_array_equal(_bits(a), _bits(b), err_msg=f"call {k} {name} output {i}")
   c_state, python_state = nnxc.load_program(saved, device=driver).arrays(), program.arrays()
   assert c_state.keys() == python_state.keys()
   for name in python_state:
-    np.testing.assert_array_equal(c_state[name].view(np.uint8), python_state[name].view(np.uint8), err_msg=name)
+    np.testing.assert_array_equal(_bits(c_state[name]), _bits(python_state[name]), err_msg=name)
   return saved
 
 
@@ -164,7 +170,7 @@ def _train_step(model, optimizer, x, y):
 
 def _adamw_objects():
   model = MLP(2, 16, 5, rngs=nnx.Rngs(0))
-  return {"model": model, "optimizer": nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)}
+  return {"model": model, "optimizer": nnx.Optimizer(model, optax.adamw(ADAMW_LR), wrt=nnx.Param)}
 
 
 X = np.asarray(jax.random.normal(jax.random.key(0), (8, 2)))
@@ -219,9 +225,14 @@ def test_adamw_train_step_resident_in_c_merges_back_into_the_eager_model(
       nnx.jit(_train_step)(eager["model"], eager["optimizer"], X, Y)
   merged = _adamw_objects()
   nnxc.load_program(saved, device=driver).update(merged)
-  assert_trees_allclose(
-    jax.tree.map(np.asarray, nnx.state(merged)), jax.tree.map(np.asarray, nnx.state(eager)), **TOLERANCES[target]
-  )
+  got = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(merged))}
+  for path, variable in nnx.to_flat_state(nnx.state(eager)):
+    name = ".".join(map(str, path))
+    # linear1.b feeds BatchNorm: its true gradient is 0 and the computed one rounding noise whose sign differs
+    # between XLA and IREE; Adam turns it into a full +-lr step, inherited by the running mean (test_programs.py).
+    noise_fed = name in ("model.linear1.b", "model.bn.mean")
+    tolerance = dict(rtol=0, atol=2 * ADAMW_LR * ADAMW_STEPS) if noise_fed else TOLERANCES[target]
+    assert_trees_allclose({name: got[name]}, {name: variable.get_value()}, **tolerance)
 
 
 @pytest.mark.parametrize("driver", ["local-sync", "local-task"])

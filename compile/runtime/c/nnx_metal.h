@@ -28,7 +28,7 @@ extern "C" {
 #define NNX_METAL_IREE_RUNTIME_COMMIT "b48a5955575cf8924ffc191f3b0804976e5738b9"
 #define NNX_METAL_IREE_COMPILER_RELEASE "3.13"
 // The manifest format this library reads (compile/runtime/_file_names.py FORMAT_VERSION).
-#define NNX_METAL_FORMAT_VERSION 3
+#define NNX_METAL_FORMAT_VERSION 4
 
 typedef enum nnx_code {
   NNX_OK = 0,
