@@ -204,6 +204,7 @@ def workspace(built, tmp_path_factory):
   (ws / "empty_dir").mkdir()
   (ws / "report_dir").mkdir()
   (ws / "folder.npy").mkdir()
+  os.mkfifo(ws / "fifo.npy")  # opened by nothing: reading or writing it would block
 
   def broken(name, change):
     shutil.copytree(built, ws / name)
@@ -214,12 +215,12 @@ def workspace(built, tmp_path_factory):
     edit(manifest)
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
-  def garbage_spirv(directory):
+  def garbage_spirv(directory):  # named after one of the module's kernels, as every kernel file must be
+    kernel = json.loads((directory / "manifest.json").read_text())["dispatches"][0]
     (directory / "spirv").mkdir()
-    (directory / "spirv" / "bad.spv").write_bytes(b"not SPIR-V at all")
-    edit_manifest(
-      directory, lambda m: m["files"].update({"spirv/bad.spv": hashlib.sha256(b"not SPIR-V at all").hexdigest()})
-    )
+    (directory / "spirv" / f"{kernel}.spv").write_bytes(b"not SPIR-V at all")
+    digest = hashlib.sha256(b"not SPIR-V at all").hexdigest()
+    edit_manifest(directory, lambda m: m["files"].update({f"spirv/{kernel}.spv": digest}))
 
   def manifest_dir(directory):
     (directory / "manifest.json").unlink()
@@ -257,6 +258,11 @@ BAD_ARGUMENTS = {
   "--seed out of range": (["build", "nnx_models:MLP", "--seed", str(2**64), "--out", "x"], f"--seed {2**64} is out"),
   "huge dimension": ([*SPLICES["BUILD_MLP"], "--input", f"{10**20}x2xf32"], "is larger than 2**40"),
   "fill with 5000 digits": ([*SPLICES["RUN"], "--input", "8x2xi64=" + "9" * 5000], "is out of range for int64"),
+  "--args with 5000 digits": (
+    ["build", "nnx_models:MLP", "--args", "9" * 5000, "--out", "x"],
+    "cannot be read (ValueError",
+  ),
+  "--args 3000 deep": (["build", "nnx_models:MLP", "--args", "[" * 3000 + "]" * 3000, "--out", "x"], "(RecursionError"),
   "dimension with 5000 digits": (
     [*SPLICES["RUN"], "--input", "9" * 5000 + "xf32"],
     "dimension 99999999...(5000 digits) is larger",
