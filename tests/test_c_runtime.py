@@ -241,7 +241,8 @@ def test_realistic_transformer_train_step_matches_the_python_program(c_build, dr
   entry = REALISTIC["transformer_2x256"]
   calls = entry.calls()
   functions = {name: nnxc.function(fn, *args) for name, (fn, args) in calls.items()}
-  directory = nnxc.export(entry.objects(), functions, target="cpu").save(tmp_path / "transformer")
+  directory = tmp_path / "transformer"
+  nnxc.export(entry.objects(), functions, target="cpu").save(directory)
   sequence = [(name, [np.asarray(a) for a in args]) for _ in range(2) for name, (fn, args) in calls.items()]
   (tmp_path / "run").mkdir()
   assert_same_run(c_build, directory, driver, sequence, tmp_path / "run")

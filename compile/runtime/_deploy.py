@@ -297,7 +297,7 @@ def _wrappers(prefix: str, artifact: Artifact) -> tuple[str, str]:
     "",
   ]
   for function in artifact.functions.values():
-    taken: set[str] = {"program", "error", "f", "inputs", "outputs"}
+    taken: set[str] = {"program", "error", "nnx_f", "nnx_inputs", "nnx_outputs", "in_bytes", "out_bytes", "lookup"}
     inputs = [(t, c_identifier(t.name, taken)) for t in function.inputs]
     outputs = [(t, c_identifier(t.name, taken)) for t in function.outputs]
     parameters = ["nnx_program_t *program"]
@@ -315,9 +315,9 @@ def _wrappers(prefix: str, artifact: Artifact) -> tuple[str, str]:
     source += [
       f"{signature} {{",
       f"  static const size_t in_bytes[] = {{{sizes(inputs)}}}, out_bytes[] = {{{sizes(outputs)}}};",
-      f'  const nnx_function_t *f = lookup(program, "{function.name}", {len(inputs)}, in_bytes, {len(outputs)}, '
+      f'  const nnx_function_t *nnx_f = lookup(program, "{function.name}", {len(inputs)}, in_bytes, {len(outputs)}, '
       "out_bytes);",
-      "  if (!f) {",
+      "  if (!nnx_f) {",
       "    if (error) {",
       "      error->code = NNX_ERROR_SIGNATURE;",
       f'      snprintf(error->message, sizeof(error->message), "This program has no function {function.name} with '
@@ -325,9 +325,9 @@ def _wrappers(prefix: str, artifact: Artifact) -> tuple[str, str]:
       "    }",
       "    return NNX_ERROR_SIGNATURE;",
       "  }",
-      f"  const void *const inputs[] = {{{', '.join(n for _, n in inputs) or 'NULL'}}};",
-      f"  void *const outputs[] = {{{', '.join(n for _, n in outputs) or 'NULL'}}};",
-      "  return nnx_program_call(program, f, inputs, outputs, error);",
+      f"  const void *const nnx_inputs[] = {{{', '.join(n for _, n in inputs) or 'NULL'}}};",
+      f"  void *const nnx_outputs[] = {{{', '.join(n for _, n in outputs) or 'NULL'}}};",
+      "  return nnx_program_call(program, nnx_f, nnx_inputs, nnx_outputs, error);",
       "}",
       "",
     ]
@@ -376,7 +376,7 @@ def _demo(prefix: str, artifact: Artifact) -> str:
       ctype, count = C_TYPES[tensor.dtype], tensor.size * (2 if tensor.dtype.startswith("complex") else 1)
       lines.append(f"    {ctype} *{name} = calloc({max(count, 1)}, sizeof({ctype}));")
       args.append(f"(void *){name}" if tensor.shape else name)
-    for tensor, name in zip(function.inputs, names, strict=True):
+    for tensor, name in zip(function.inputs, names[: len(function.inputs)], strict=True):
       count = tensor.size * (2 if tensor.dtype.startswith("complex") else 1)
       lines.append(
         f"    for (long i = 0; i < {count}; ++i) {name}[i] = ({C_TYPES[tensor.dtype]})((i % 7) * 0.25 - 0.5);"
