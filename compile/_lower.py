@@ -14,7 +14,7 @@ from ._layout import Leaf, StateLayout
 from ._stablehlo import OpSite, clean_for_iree, embeddable_functions, module_text
 from ._targets import Target, get_target
 from .rewrites._isolation import isolate_sites
-from .runtime import StateMismatchError, path_name
+from .runtime import SignatureError, StateMismatchError, path_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +170,15 @@ def _pure_function(
   trace: _Trace,
   keys: tuple[str, ...] | None,
   mode: str | None = None,
+  wrap_inputs: Callable[[tuple], tuple] = lambda args: args,
 ) -> Callable:
-  """``pure(state_values, *args) -> (outputs, changed_values)``; records what it saw in ``trace``."""
+  """``pure(state_values, *args) -> (outputs, changed_values)``; records what it saw in ``trace``.
+
+  ``wrap_inputs`` turns the inputs as they cross into IREE back into what ``fn`` takes (typed keys).
+  """
 
   def pure(state_values, *args):
+    args = wrap_inputs(args)
     values = layout.data_to_keys(state_values)
     objects = nnx.merge(graphdef, jax.tree.unflatten(layout.treedef, values))
     set_mode(objects, mode)
@@ -202,6 +207,7 @@ def _check_repeatable(
   keys: tuple[str, ...] | None,
   mode: str | None,
   inputs: tuple,
+  wrap_inputs: Callable[[tuple], tuple],
 ) -> None:
   """Refuses a function whose trace changed static attributes unless tracing it again would give the same program.
 
@@ -214,8 +220,8 @@ def _check_repeatable(
   if not changes:
     return
   again = _Trace()
-  first = jax.make_jaxpr(_pure_function(graphdef, layout, fn, _Trace(), keys, mode))(*inputs)
-  second = jax.make_jaxpr(_pure_function(trace.graphdef_after, layout, fn, again, keys, mode))(*inputs)
+  first = jax.make_jaxpr(_pure_function(graphdef, layout, fn, _Trace(), keys, mode, wrap_inputs))(*inputs)
+  second = jax.make_jaxpr(_pure_function(trace.graphdef_after, layout, fn, again, keys, mode, wrap_inputs))(*inputs)
   if str(first) == str(second) and not static_changes(trace.static_after, again.static_after):
     return
   name = next(line.split()[3] for line in changes)  # "<verb> the attribute <name> ..."
@@ -239,6 +245,33 @@ def _check_unchanged_type(leaf: Leaf, old: Any, new: Any) -> None:
       "a compiled State keeps its shapes and dtypes. Keep the update's shape (e.g. no keepdims=True), "
       "or run the model once eagerly so the state has its final shape before exporting."
     )
+
+
+def boundary_inputs(args: tuple) -> tuple[tuple, Callable[[tuple], tuple]]:
+  """The example inputs' shapes as they cross into IREE (typed keys as their key data), and the unwrapping.
+
+  Raises:
+    SignatureError: an input is an NNX object (nnx.Rngs, a Module), which a program cannot take.
+  """
+  graph_node = nnx.graph.is_graph_node
+  for path, leaf in jax.tree_util.tree_flatten_with_path(args, is_leaf=graph_node)[0]:
+    if graph_node(leaf):
+      raise SignatureError(
+        f"Input args{jax.tree_util.keystr(path)} is an {type(leaf).__name__}, an NNX object: a program's inputs "
+        "are arrays. Export it as one of the objects (export({'model': model, 'rngs': rngs}, ...)) so that its "
+        "state lives on the device, or pass a key (jax.random.key(0)) and build nnx.Rngs(key) inside the function."
+      )
+  shapes = jax.eval_shape(lambda *a: a, *args)
+  flat, treedef = jax.tree.flatten(shapes)
+  impls = [x.dtype._impl if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else None for x in flat]
+  crossing = [jax.eval_shape(jax.random.key_data, x) if impl else x for x, impl in zip(flat, impls, strict=True)]
+
+  def wrap_inputs(crossed: tuple) -> tuple:
+    values = jax.tree.leaves(crossed)
+    keys = [jax.random.wrap_key_data(v, impl=impl) if impl else v for v, impl in zip(values, impls, strict=True)]
+    return jax.tree.unflatten(treedef, keys)
+
+  return jax.tree.unflatten(treedef, crossing), wrap_inputs
 
 
 def _leaves(prefix: str, tree: Any) -> tuple[Leaf, ...]:
@@ -283,11 +316,12 @@ def lower_function(
   """
   layout = StateLayout.of(state)
   trace = _Trace()
-  pure = _pure_function(graphdef, layout, fn, trace, object_keys, mode)
+  shapes, wrap_inputs = boundary_inputs(args)
+  pure = _pure_function(graphdef, layout, fn, trace, object_keys, mode, wrap_inputs)
   pure.__name__ = name
-  shapes = jax.eval_shape(lambda *a: a, *args)
   traced = jax.jit(pure, keep_unused=True).lower(layout.flatten(state), *shapes)
-  _check_repeatable(graphdef, layout, fn, trace, object_keys, mode, (layout.flatten(state), *shapes))
+  inputs = (layout.flatten(state), *shapes)
+  _check_repeatable(graphdef, layout, fn, trace, object_keys, mode, inputs, wrap_inputs)
   changed = trace.changed
   flops = _flops(traced)  # before the module is rewritten in place below
   module = traced.compiler_ir("stablehlo")

@@ -184,3 +184,73 @@ def test_malformed_output_structures_are_refused_naming_the_field(structure, fie
   (directory / "manifest.json").write_text(json.dumps(manifest))
   with pytest.raises(nnxc.ArtifactError, match=field):
     nnxc.Artifact.open(directory)
+
+
+# 3. Inputs accepted where jax.jit accepts them.
+
+
+def _mixed_inputs(model, x, steps, config, pair):
+  """Array, Python-int scalar, dict of arrays and a (tuple, list) pair: what JAX programs take."""
+  y = model(x) * config["scale"] + config["shift"]
+  return y * steps.astype(jnp.float32) + pair[0] - jnp.sum(pair[1][0])
+
+
+def _mixed_example():
+  config = {"scale": np.float32(2.0), "shift": np.ones(3, np.float32)}
+  return np.ones((4, 2), np.float32), np.int32(1), config, (np.zeros(3, np.float32), [np.zeros(2, np.float32)])
+
+
+@functools.cache
+def _mixed_program(target: str) -> nnxc.Program:
+  functions = {"f": nnxc.function(_mixed_inputs, *_mixed_example())}
+  return nnxc.export(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), functions, target=target).load()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_inputs_follow_jax_rules_scalars_x64_and_nested_containers(target):
+  require_device(target)
+  program, model = _mixed_program(target), nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  x64 = np.linspace(-1, 1, 8).reshape(4, 2)  # float64: jax.jit takes it as float32 (x64 off)
+  config = {"shift": np.arange(3.0), "scale": 0.5}  # a Python float, keys in another order
+  pair = [np.full(3, 0.25), (np.ones(2),)]  # a list where a tuple was traced, and the reverse
+  want = jax.jit(lambda *a: _mixed_inputs(model, *a))(x64, 3, config, pair)
+  assert_trees_allclose(program.f(x64, 3, config, pair), np.asarray(want), **TOLERANCES[target])
+
+
+def test_input_errors_describe_the_expected_structure():
+  program = _mixed_program("cpu")
+  x, steps, config, pair = _mixed_example()
+  config_ = r"\{'scale': float32\[\], 'shift': float32\[3\]\}"
+  expected = r"\(float32\[4, 2\], int32\[\], " + config_ + r", \(float32\[3\], \(float32\[2\],\)\)\)"
+  with pytest.raises(nnxc.SignatureError, match=r"f takes 4 inputs, got 1: " + expected):
+    program.f(x)
+  with pytest.raises(
+    nnxc.SignatureError, match=r"args\[0\]: expected an array float32\[4, 2\], got a list of 4.*np\.asarray"
+  ):
+    program.f(x.tolist(), steps, config, pair)
+  with pytest.raises(nnxc.SignatureError, match=r"args\[2\]: .*missing keys \['shift'\], unexpected keys \['offset'\]"):
+    program.f(x, steps, {"scale": 1.0, "offset": x}, pair)
+  with pytest.raises(nnxc.SignatureError, match=r"args\[1\]: expected int32\[\], got 1\.5"):
+    program.f(x, 1.5, config, pair)  # jax.jit would trace a float function: another program
+  with pytest.raises(nnxc.SignatureError, match=r"2147483648 does not fit in int32"):
+    program.f(x, 2**31, config, pair)
+  with pytest.raises(nnxc.SignatureError, match=r"args\[3\]\[1\]: expected 1 items"):
+    program.f(x, steps, config, (pair[0], [pair[1][0], pair[1][0]]))
+
+
+def _noisy(model, key, x):
+  return model(x) + jax.random.normal(key, (3,))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_typed_keys_are_inputs_and_rngs_are_refused_with_the_fix(target):
+  require_device(target)
+  model, x = nnx.Linear(2, 3, rngs=nnx.Rngs(0)), np.ones((1, 2), np.float32)
+  program = nnxc.export(model, {"f": nnxc.function(_noisy, jax.random.key(0), x)}, target=target).load()
+  for seed in (1, 2):
+    key = jax.random.key(seed)
+    assert_trees_allclose(program.f(key, x), np.asarray(_noisy(model, key, x)), **TOLERANCES[target])
+  with pytest.raises(nnxc.SignatureError, match=r"args\[0\] is an Rngs, an NNX object.*jax\.random\.key"):
+    nnxc.export(model, {"f": nnxc.function(lambda m, rngs, x: m(x), nnx.Rngs(0), x)}, target=target)
+  with pytest.raises(nnxc.SignatureError, match=r"args\[0\]: expected uint32\[2\], got Rngs"):
+    program.f(nnx.Rngs(1), x)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _dtypes, _variables
+from . import _dtypes, _inputs, _variables
 from ._device import DeviceModule, open_device
 from ._errors import SignatureError, StateMismatchError, UnknownTargetError
 from ._interface import GET_STATE, PARAMETER_SCOPE, SET_STATE, path_name
@@ -67,21 +67,35 @@ class ProgramFunction:
   def __init__(self, program: "Program", spec: Function):
     self.name, self.spec, self._program = spec.name, spec, program
     self._function = program._module.function(spec.name)
+    self._tree = _inputs.input_tree(spec.inputs)
+    self._flat = self._tree is not None and all(type(node) is int for node in self._tree.values())
 
   def signature(self) -> str:
     return self.spec.signature()
 
   def device_inputs(self, args: tuple) -> list[np.ndarray]:
-    """The inputs as arrays in device dtypes, checked against the signature."""
-    flat = list(args) if all(type(a) is np.ndarray for a in args) else flatten_inputs(args)
-    if len(flat) != len(self.spec.inputs):
-      raise SignatureError(
-        f"{self.name} takes {len(self.spec.inputs)} input arrays, got {len(flat)}: {self.signature()}."
-      )
+    """The inputs as arrays in device dtypes, checked against the signature (see ``_inputs.py``)."""
+    tensors = self.spec.inputs
+    if len(args) == len(tensors) and self._flat and all(type(a) is np.ndarray for a in args):
+      flat = list(args)  # the hot path: one array per input, as exported
+    elif self._tree is None:  # names that are no paths (an artifact edited by hand): match flat
+      flat = flatten_inputs(args)
+      if len(flat) != len(tensors):
+        raise SignatureError(f"{self.name} takes {len(tensors)} input arrays, got {len(flat)}: {self.signature()}.")
+    else:
+      if len(args) != len(self._tree):
+        what = "input arrays" if self._flat else "inputs"
+        raise SignatureError(
+          f"{self.name} takes {len(self._tree)} {what}, got {len(args)}: {_inputs.describe(self._tree, tensors)}."
+        )
+      flat = [None] * len(tensors)
+      for i, value in enumerate(args):
+        _inputs.match(self._tree[i], value, f"{self.name} input args[{i}]", tensors, flat)
     try:
-      return [host_array(v, t, f"{self.name} input") for v, t in zip(flat, self.spec.inputs, strict=True)]
+      arrays = [_inputs.leaf_array(v, t, f"{self.name} input") for v, t in zip(flat, tensors, strict=True)]
     except SignatureError as e:
       raise SignatureError(f"{e} The exported signature is {self.signature()}; pass matching inputs.") from None
+    return [a.astype(_dtypes.dtype(t.device_dtype).numpy, copy=False) for a, t in zip(arrays, tensors, strict=True)]
 
   def __call__(self, *args: Any) -> Any:
     inputs = self.device_inputs(args)
