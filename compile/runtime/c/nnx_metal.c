@@ -1036,7 +1036,7 @@ static nnx_code_t check_state_access(nnx_program_t *p, const char *name, const v
 }
 
 nnx_code_t nnx_program_read_state(nnx_program_t *p, const char *name, void *data, size_t byte_length, nnx_error_t *error) {
-  ptrdiff_t i;
+  ptrdiff_t i = -1;
   nnx_code_t code = check_state_access(p, name, data, byte_length, &i, error);
   if (code) return code;
   pthread_mutex_lock(&p->lock);
@@ -1050,7 +1050,7 @@ nnx_code_t nnx_program_read_state(nnx_program_t *p, const char *name, void *data
 
 nnx_code_t nnx_program_write_state(nnx_program_t *p, const char *name, const void *data, size_t byte_length,
                                    nnx_error_t *error) {
-  ptrdiff_t i;
+  ptrdiff_t i = -1;
   nnx_code_t code = check_state_access(p, name, data, byte_length, &i, error);
   if (code) return code;
   pthread_mutex_lock(&p->lock);
