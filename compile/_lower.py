@@ -14,7 +14,7 @@ from ._layout import Leaf, StateLayout
 from ._stablehlo import OpSite, clean_for_iree, embeddable_functions, module_text
 from ._targets import Target, get_target
 from .rewrites._isolation import isolate_sites
-from .runtime import SignatureError, StateMismatchError, path_name
+from .runtime import Dim, SignatureError, StateMismatchError, path_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,8 +277,23 @@ def boundary_inputs(args: tuple) -> tuple[tuple, Callable[[tuple], tuple]]:
 def _leaves(prefix: str, tree: Any) -> tuple[Leaf, ...]:
   with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
   return tuple(
-    Leaf(f"{prefix}{jax.tree_util.keystr(path)}", tuple(x.shape), np.dtype(x.dtype).name) for path, x in with_paths
+    Leaf(f"{prefix}{jax.tree_util.keystr(path)}", _shape(x.shape), np.dtype(x.dtype).name) for path, x in with_paths
   )
+
+
+def _shape(shape: tuple) -> tuple[int | Dim, ...]:
+  """A shape's sizes, its symbolic dimensions as Dims with the bounds JAX proves for them."""
+  return tuple(d if isinstance(d, int) else Dim(str(d).replace(" ", ""), *dim_bounds(d)) for d in shape)
+
+
+def _check_input_dims(args: tuple[Leaf, ...]) -> None:
+  for leaf in args:
+    for dim in leaf.shape:
+      if isinstance(dim, Dim) and not dim.expression.isidentifier():
+        raise SignatureError(
+          f"Input {leaf.name} has the dimension {dim.expression}: a Program reads each symbolic dimension from "
+          "an input that has it alone (b, not 2*b). Give that input its own dimension name."
+        )
 
 
 def lower_function(
@@ -319,12 +334,16 @@ def lower_function(
   shapes, wrap_inputs = boundary_inputs(args)
   pure = _pure_function(graphdef, layout, fn, trace, object_keys, mode, wrap_inputs)
   pure.__name__ = name
-  traced = jax.jit(pure, keep_unused=True).lower(layout.flatten(state), *shapes)
   inputs = (layout.flatten(state), *shapes)
+  jitted = jax.jit(pure, keep_unused=True)
+  if symbolic_dims(shapes):
+    module, outputs, flops = _lower_symbolic(jitted, inputs)
+  else:
+    traced = jitted.lower(*inputs)
+    flops = _flops(traced)  # before the module is rewritten in place below
+    module, (outputs, _) = traced.compiler_ir("stablehlo"), traced.out_info
   _check_repeatable(graphdef, layout, fn, trace, object_keys, mode, inputs, wrap_inputs)
   changed = trace.changed
-  flops = _flops(traced)  # before the module is rewritten in place below
-  module = traced.compiler_ir("stablehlo")
   sites = clean_for_iree(module, scope=name)
   rewrite_counts = rewrites.apply(module, target.rewrites) if target is not None else {}
   if isolate:
@@ -332,7 +351,8 @@ def lower_function(
   mlir = module_text(module)
   main_type = _main_function_type(module)
   num_state, num_outputs = len(layout.leaves), len(main_type.results) - len(changed)
-  outputs, _ = traced.out_info
+  arg_leaves = _leaves("args", list(shapes))
+  _check_input_dims(arg_leaves)
   return Lowered(
     name=name,
     mlir=mlir,
@@ -341,7 +361,7 @@ def lower_function(
     model_name=model_name,
     method=method or name,
     state=layout,
-    args=_leaves("args", list(shapes)),
+    args=arg_leaves,
     outputs=_leaves("outputs", outputs),
     output_treedef=jax.tree.structure(outputs),
     updates=tuple(changed),
@@ -353,6 +373,62 @@ def lower_function(
     rewrites=rewrite_counts,
     flops=flops,
   )
+
+
+def symbolic_dims(tree: Any) -> list[Any]:
+  """The symbolic dimensions (``jax.export.symbolic_shape``) of the shapes in ``tree``, in order."""
+  return [d for x in jax.tree.leaves(tree) for d in getattr(x, "shape", ()) if not isinstance(d, int)]
+
+
+def _lower_symbolic(jitted: Any, inputs: tuple) -> tuple[Any, Any, float]:
+  """The module, output shapes and flops of a function of symbolic shapes, through ``jax.export``.
+
+  ``jax.export``'s module computes each dimension from its input's shape and checks the
+  dimensions' constraints (``shape_assertion``, which ``clean_for_iree`` removes: the Program
+  checks the bounds before the call). XLA's cost analysis needs concrete shapes: the flops
+  are counted at the dimensions' upper bounds (or 1 where unbounded).
+  """
+  from jax._src.interpreters import mlir as jax_mlir  # the context JAX's own lowering uses
+  from jax.extend.mlir import ir
+
+  try:
+    exported = jax.export.export(jitted, platforms=(jax.default_backend(),))(*inputs)
+  except Exception as e:  # noqa: BLE001 - jax.export's errors on symbolic shapes: a user-facing message
+    raise SignatureError(
+      f"The function cannot be exported for symbolic shapes ({type(e).__name__}: {str(e)[:600]}). Give the "
+      "dimension constraints it needs (jax.export.symbolic_shape('b', constraints=('b <= 64',))), or export a "
+      "function per shape."
+    ) from None
+  outputs, _ = jax.tree.unflatten(exported.out_tree, exported.out_avals)
+  module = ir.Module.parse(exported.mlir_module(), context=jax_mlir.make_ir_context())
+  concrete = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(tuple(d if isinstance(d, int) else dim_bounds(d)[1] or 1 for d in x.shape), x.dtype),
+    inputs,
+  )
+  return module, outputs, _flops(jitted.lower(*concrete))
+
+
+def dim_bounds(dim: Any) -> tuple[int, int | None]:
+  """The largest lower and smallest upper bound JAX proves for a symbolic dimension (None: no upper bound)."""
+
+  def provable(claim: Callable[[int], Any], k: int) -> bool:
+    try:
+      return bool(claim(k))
+    except Exception:  # noqa: BLE001 - jax's InconclusiveDimensionOperation: not decidable
+      return False
+
+  def first(holds: Callable[[int], bool], low: int, high: int) -> int:
+    """The smallest k in [low, high] where ``holds`` (monotone: false, then true) is true."""
+    while low < high:
+      middle = (low + high) // 2
+      low, high = (low, middle) if holds(middle) else (middle + 1, high)
+    return low
+
+  limit = 1 << 40
+  low = first(lambda k: not provable(lambda k: dim >= k, k + 1), 1, limit)
+  if not provable(lambda k: dim <= k, limit):
+    return low, None
+  return low, first(lambda k: provable(lambda k: dim <= k, k), low, limit)
 
 
 def _flops(traced: Any) -> float:

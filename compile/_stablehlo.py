@@ -18,6 +18,9 @@ from .runtime import UnsupportedOpError
 
 # Custom calls that only annotate sharding: the identity on a single device.
 _SHARDING_CALLS = frozenset({"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"})
+# jax.export's checks of symbolic dimensions against their constraints: the Program checks the
+# declared bounds before every call (compile/runtime/_dims.py), and IREE has no such kernel.
+_SHAPE_ASSERTION = "shape_assertion"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +116,7 @@ def _is_sharding_noop(op: ir.Operation) -> bool:
   if op.name == "sdy.sharding_constraint":
     return True
   return op.name == "stablehlo.custom_call" and (
-    ir.StringAttr(op.attributes["call_target_name"]).value in _SHARDING_CALLS
+    ir.StringAttr(op.attributes["call_target_name"]).value in (*_SHARDING_CALLS, _SHAPE_ASSERTION)
   )
 
 
@@ -158,7 +161,7 @@ def clean_for_iree(module: ir.Module, scope: str = "main") -> tuple[OpSite, ...]
   with module.context:
     module.operation.walk(visit)
     for op in noops:
-      if op.results:
+      if op.results:  # a shape assertion has none
         op.results[0].replace_all_uses_with(op.operands[0])
       op.erase()
   return tuple(sites)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _dtypes
+from . import _dims, _dtypes
 from ._errors import SignatureError
 from ._records import Tensor
 
@@ -129,13 +129,14 @@ _X64_OFF = {"float64": "float32", "int64": "int32", "uint64": "uint32", "complex
 _SCALAR_KINDS = {bool: "b", int: "biufc", float: "fc", complex: "c"}
 
 
-def leaf_array(value: Any, tensor: Tensor, what: str) -> np.ndarray:
+def leaf_array(value: Any, tensor: Tensor, what: str, sizes: dict[str, int]) -> np.ndarray:
   """``value`` as ``tensor``'s dtype, by jax.jit's rules (x64 off), after checking its shape.
 
   A Python bool, int, float or complex is weakly typed: it becomes a scalar of the
   tensor's dtype where JAX would promote it so (an int to a float, not a float to an
   int; an int that does not fit is refused). A float64, int64, uint64 or complex128 array
   is taken as float32, int32, uint32, complex64. A typed key is taken as its key data.
+  A symbolic dimension takes the size it has here (``sizes`` holds those bound so far).
   """
   want = _dtypes.dtype(tensor.dtype).numpy
   if type(value) in _SCALAR_KINDS:
@@ -147,7 +148,7 @@ def leaf_array(value: Any, tensor: Tensor, what: str) -> np.ndarray:
   array = _dtypes.as_array(value, f"{what} {tensor.name}", SignatureError)
   if _X64_OFF.get(array.dtype.name) == tensor.dtype:
     array = array.astype(want)
-  if array.shape != tensor.shape or array.dtype.name != tensor.dtype:
+  if array.dtype.name != tensor.dtype or not _dims.bind(tensor.shape, array.shape, sizes, f"{what} {tensor.name}"):
     raise SignatureError(
       f"{what} {tensor.name}: expected {tensor.dtype}{list(tensor.shape)}, got {array.dtype.name}{list(array.shape)}."
     )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _dtypes, _inputs, _variables
+from . import _dims, _dtypes, _inputs, _variables
 from ._device import DeviceModule, open_device
 from ._errors import SignatureError, StateMismatchError, UnknownTargetError
 from ._interface import GET_STATE, PARAMETER_SCOPE, SET_STATE, path_name
@@ -73,9 +73,12 @@ class ProgramFunction:
   def signature(self) -> str:
     return self.spec.signature()
 
-  def device_inputs(self, args: tuple) -> list[np.ndarray]:
-    """The inputs as arrays in device dtypes, checked against the signature (see ``_inputs.py``)."""
-    tensors = self.spec.inputs
+  def device_inputs(self, args: tuple, sizes: dict[str, int] | None = None) -> list[np.ndarray]:
+    """The inputs as arrays in device dtypes, checked against the signature (see ``_inputs.py``).
+
+    ``sizes`` receives the sizes of the symbolic dimensions (``_dims.py``) the inputs have.
+    """
+    tensors, sizes = self.spec.inputs, {} if sizes is None else sizes
     if len(args) == len(tensors) and self._flat and all(type(a) is np.ndarray for a in args):
       flat = list(args)  # the hot path: one array per input, as exported
     elif self._tree is None:  # names that are no paths (an artifact edited by hand): match flat
@@ -92,16 +95,19 @@ class ProgramFunction:
       for i, value in enumerate(args):
         _inputs.match(self._tree[i], value, f"{self.name} input args[{i}]", tensors, flat)
     try:
-      arrays = [_inputs.leaf_array(v, t, f"{self.name} input") for v, t in zip(flat, tensors, strict=True)]
+      arrays = [_inputs.leaf_array(v, t, f"{self.name} input", sizes) for v, t in zip(flat, tensors, strict=True)]
     except SignatureError as e:
       raise SignatureError(f"{e} The exported signature is {self.signature()}; pass matching inputs.") from None
     return [a.astype(_dtypes.dtype(t.device_dtype).numpy, copy=False) for a, t in zip(arrays, tensors, strict=True)]
 
   def __call__(self, *args: Any) -> Any:
-    inputs = self.device_inputs(args)
+    sizes: dict[str, int] = {}
+    inputs = self.device_inputs(args, sizes)
+    shapes = [_dims.concrete(tensor.shape, sizes) for tensor in self.spec.outputs]
     with self._program._lock:
       views = self._program._module.invoke(self._function, inputs)
-      leaves = [self._program._host(view, tensor) for view, tensor in zip(views, self.spec.outputs, strict=True)]
+      pairs = zip(views, self.spec.outputs, shapes, strict=True)
+      leaves = [self._program._host(view, tensor, shape) for view, tensor, shape in pairs]
     return unflatten_outputs(self.spec.structure, leaves, _variables.known_variable_class)
 
 
@@ -142,8 +148,8 @@ class Program:
   def __dir__(self) -> Iterable[str]:
     return [*super().__dir__(), *self.functions]
 
-  def _host(self, view, tensor: Tensor) -> np.ndarray:
-    array = self._module.to_host(view, tensor.shape, tensor.device_dtype)
+  def _host(self, view, tensor: Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    array = self._module.to_host(view, shape, tensor.device_dtype)
     return array.astype(_dtypes.dtype(tensor.dtype).numpy, copy=False)
 
   # State as numpy arrays, by variable name (the NNX path joined with dots). No JAX needed.

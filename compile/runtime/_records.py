@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _dtypes
+from ._dims import Dim, dimension
 from ._fields import (
   Fields,
   fail,
@@ -34,13 +35,13 @@ class Tensor:
 
   Attributes:
     name: what the user calls it.
-    shape: its shape.
+    shape: its shape: sizes, or symbolic dimensions (``_dims.Dim``) of a function exported for any size.
     dtype: the numpy dtype name the user passes and gets.
     device_dtype: the dtype on the device (float64 becomes float32 on metal and vulkan).
   """
 
   name: str
-  shape: tuple[int, ...]
+  shape: tuple[int | Dim, ...]
   dtype: str
   device_dtype: str
 
@@ -52,13 +53,14 @@ class Tensor:
     return math.prod(self.shape)
 
   def to_json(self) -> dict[str, Any]:
-    return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "device_dtype": self.device_dtype}
+    shape = [d.to_json() if isinstance(d, Dim) else d for d in self.shape]
+    return {"name": self.name, "shape": shape, "dtype": self.dtype, "device_dtype": self.device_dtype}
 
 
 def _tensor_fields(fields: Fields, demote_f64: bool) -> dict[str, Any]:
   dtype = fields.get("dtype", one_of(tuple(_dtypes.DTYPES)))
   device_dtype = fields.get("device_dtype", one_of((_dtypes.device_dtype_name(dtype, demote_f64),)))
-  shape = fields.get("shape", list_of(integer, limit=64))
+  shape = fields.get("shape", list_of(dimension, limit=64))
   return {"name": fields.get("name", string), "shape": shape, "dtype": dtype, "device_dtype": device_dtype}
 
 
