@@ -14,6 +14,7 @@ else is a bug of nnx-metal and keeps its traceback.
 import argparse
 import contextlib
 import difflib
+import errno
 import importlib
 import json
 import os
@@ -36,6 +37,8 @@ from .spirv import find_races
 
 # Manifest fields the module does not record, so only a pinned digest vouches for them.
 UNAUTHENTICATED_FIELDS = ("model", "objects", "versions", "flags", "dispatches", "rewrites", "hazard_check")
+# What a full disk, a quota or a file-size limit makes writes fail with: the machine's state, not a bug.
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -306,8 +309,14 @@ def build(options: argparse.Namespace) -> int:
   modes = ["train", "eval"] if options.mode == "both" else [options.mode]
   functions = {mode: method(options.method, *inputs, mode=mode) for mode in modes}
   _check_model_accepts(model, functions, options)
-  with progress(f"lowering and compiling {type(model).__name__}.{options.method} for {options.target}"):
-    artifact = export(model, functions, target=options.target, cache=not options.no_cache)
+  try:
+    with progress(f"lowering and compiling {type(model).__name__}.{options.method} for {options.target}"):
+      artifact = export(model, functions, target=options.target, cache=not options.no_cache)
+  except OSError as e:
+    if e.errno not in _NO_ROOM:
+      raise
+    where = os.fsdecode(e.filename) if e.filename else "a compiled file"
+    raise UsageError(f"cannot write {where} ({e.strerror}); free disk space or raise the file-size limit") from None
   try:
     artifact.save(options.out)
   except OSError as e:

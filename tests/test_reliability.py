@@ -2963,6 +2963,44 @@ def test_disk_full_and_file_size_limits(mlp, tmp_path):
         LEDGER.rebook(row, "wrong", f"left {left} or broke the artifact there")
 
 
+BUILD_UNDER_A_LIMIT = textwrap.dedent(
+  """
+  import resource, sys
+  from compile import cli
+  limit = int(sys.argv[1])
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  sys.exit(cli.main(["build", "nnx_models:MLP", "--args", "2,16,5", "--input", "4x2xf32", "--target", "cpu",
+                     "--out", sys.argv[2]]))
+  """
+)
+
+
+def test_build_with_a_file_size_limit(tmp_path):
+  """Issue 16 class 6: `nnx-metal build` where writes fail (the compile cache's, iree-compile's, the save's): one
+  line and exit status 2, never a traceback; or a whole artifact."""
+  with attacks_of_this_test():
+    for limit in (1024, 64 << 10, 1 << 30):
+      out = tmp_path / f"built-{limit}"
+      env = {**os.environ, "PYTHONPATH": str(REPO), "NNX_METAL_CACHE": str(tmp_path / f"cache-{limit}")}
+      result = subprocess.run(
+        [sys.executable, "-c", BUILD_UNDER_A_LIMIT, str(limit), str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+      )
+      attack = f"nnx-metal build with a file-size limit of {limit} bytes"
+      errors = [line for line in result.stderr.splitlines() if line.startswith("nnx-metal")]
+      if result.returncode == 2 and "Traceback" not in result.stderr and len(errors) == 1:
+        LEDGER.add("resources", attack, "refused", errors[0])
+      elif result.returncode == 0:
+        judge("resources", attack, lambda o=out: nnxc.Artifact.open(o).digest)
+      else:
+        outcome = "crashed" if result.returncode < 0 else "raw"
+        LEDGER.add("resources", attack, outcome, f"exit {result.returncode}: {result.stderr[-300:]}")
+
+
 def _modes(root: pathlib.Path) -> dict[str, int]:
   modes = {".": stat.S_IMODE(os.lstat(root).st_mode)}
   for path in root.rglob("*"):
