@@ -430,6 +430,14 @@ def test_a_pinned_digest_refuses_any_other_artifact(c_build, adamw_artifacts, ot
   assert other.returncode == 10 + 4 and "NNX_ERROR_DIGEST" in other.stderr
 
 
+def test_the_metal_stand_in_refuses_a_lavapipe_of_another_width(c_build, adamw_artifacts):
+  require_device("metal-vulkan")
+  directory = adamw_artifacts("metal-vulkan")
+  env = {**os.environ, "LP_NATIVE_VECTOR_WIDTH": "256"}
+  result = subprocess.run([str(c_build["nnx_run"]), str(directory), "info"], capture_output=True, text=True, env=env)
+  assert result.returncode == 10 + 6 and "LP_NATIVE_VECTOR_WIDTH=512" in result.stderr, result.stderr
+
+
 def test_version_skew_message_names_the_compiler_and_runtime_to_use(c_build, adamw_artifacts, tmp_path):
   directory = tmp_path / "artifact"
   shutil.copytree(adamw_artifacts("cpu"), directory)

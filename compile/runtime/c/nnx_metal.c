@@ -706,6 +706,40 @@ static void set_task_flags(void) {
   iree_status_ignore(iree_flags_parse(IREE_FLAGS_PARSE_MODE_DEFAULT, &argc, &args));
 }
 
+// metal-vulkan kernels assume 16-lane subgroups (compile/runtime/_targets.py STANDIN_SUBGROUP_SIZE). Mesa's
+// lavapipe names its vector width, "llvmpipe (LLVM 15.0.6, 512 bits)", and reads it from the environment
+// when the Vulkan driver loads: refuse another width rather than compute wrong results.
+#define STANDIN_SUBGROUP_SIZE 16
+
+static nnx_code_t check_lavapipe_lanes(nnx_program_t *p, nnx_error_t *error) {
+  iree_hal_driver_t *driver = NULL;
+  iree_hal_device_info_t *infos = NULL;
+  iree_host_size_t count = 0;
+  iree_allocator_t host = iree_allocator_system();
+  iree_status_t status = iree_hal_driver_registry_try_create(iree_runtime_instance_driver_registry(p->instance),
+                                                             iree_make_cstring_view("vulkan"), host, &driver);
+  if (iree_status_is_ok(status)) status = iree_hal_driver_query_available_devices(driver, host, &count, &infos);
+  iree_status_ignore(status);
+  int lanes = 0;
+  for (iree_host_size_t i = 0; i < count && lanes == 0; ++i) {
+    char name[256];
+    snprintf(name, sizeof(name), "%.*s", (int)infos[i].name.size, infos[i].name.data);
+    const char *comma = strncmp(name, "llvmpipe (LLVM ", 15) == 0 ? strchr(name, ',') : NULL;
+    int bits = 0;
+    if (comma && sscanf(comma, ", %d bits)", &bits) == 1) lanes = bits / 32;
+  }
+  iree_allocator_free(host, infos);
+  iree_hal_driver_release(driver);
+  if (lanes != 0 && lanes != STANDIN_SUBGROUP_SIZE) {
+    return fail(error, NNX_ERROR_DEVICE,
+                "These kernels assume %d-wide subgroups, but this lavapipe runs %d lanes. Start the program with "
+                "LP_NATIVE_VECTOR_WIDTH=%d MESA_SHADER_CACHE_DISABLE=true in the environment (lavapipe reads them "
+                "when it loads).",
+                STANDIN_SUBGROUP_SIZE, lanes, STANDIN_SUBGROUP_SIZE * 32);
+  }
+  return NNX_OK;
+}
+
 static nnx_code_t open_device(nnx_program_t *p, nnx_error_t *error) {
   iree_allocator_t host = iree_allocator_system();
   iree_runtime_instance_options_t instance_options;
@@ -714,6 +748,10 @@ static nnx_code_t open_device(nnx_program_t *p, nnx_error_t *error) {
   iree_status_t status = iree_runtime_instance_create(&instance_options, host, &p->instance);
   if (!iree_status_is_ok(status)) return fail_status(error, NNX_ERROR_DEVICE, status, "Cannot start IREE's runtime");
   if (strcmp(p->driver, "local-task") == 0) pthread_once(&task_flags_once, set_task_flags);
+  if (strcmp(p->target, "metal-vulkan") == 0) {
+    nnx_code_t code = check_lavapipe_lanes(p, error);
+    if (code) return code;
+  }
   status = iree_runtime_instance_try_create_default_device(p->instance, iree_make_cstring_view(p->driver), &p->device);
   if (!iree_status_is_ok(status)) {
     char what[128];
