@@ -47,7 +47,9 @@ def c_build():
     _deploy.tool("cmake"), _deploy.tool("ninja")
   except _deploy.BuildError as e:
     skip_or_fail(REQUIREMENT, str(e))
-  key = hashlib.sha256(f"{source}\n{TESTS_C.resolve()}".encode()).hexdigest()[:16]
+  # A new build folder when the sources' place or the CMake files change (their option defaults apply at configure).
+  cmake_files = (TESTS_C / "CMakeLists.txt").read_text() + (_deploy.LIBRARY / "CMakeLists.txt").read_text()
+  key = hashlib.sha256(f"{source}\n{TESTS_C.resolve()}\n{cmake_files}".encode()).hexdigest()[:16]
   build_dir = source.parent / f"tests-{key}"
   _deploy.build(TESTS_C, build_dir, iree_source=source, targets=("nnx_run", "fuzz_json"))
   return {"nnx_run": build_dir / "nnx_run", "fuzz_json": build_dir / "fuzz_json", "source": source}
@@ -467,10 +469,10 @@ def test_every_model_of_nox_metal_built_for_cpu_loads_in_c(c_build, tmp_path):
   assert len(directories) > len(ZOO)
   for directory in directories:
     listing = run_c(c_build, directory, "info").stdout
-    artifact = nnxc.Artifact.open(directory)
-    for name in artifact.functions:
+    manifest = json.loads((directory / "manifest.json").read_text())  # as written: some do not open in Python
+    for name in manifest["functions"]:
       assert f"function {name} inputs" in listing, directory.name
-    assert listing.count("\nstate ") == len(artifact.state), directory.name
+    assert listing.count("\nstate ") == len(manifest["state"]), directory.name
 
 
 # The parser and hash the library's checks rest on; the binary an app links.

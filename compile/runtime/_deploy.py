@@ -38,8 +38,6 @@ PATCHES = LIBRARY / "patches"
 # The IREE commit the vendored runtime source is from (see nnx_metal.h NNX_METAL_IREE_RUNTIME_COMMIT).
 IREE_COMMIT = "b48a5955575cf8924ffc191f3b0804976e5738b9"
 VENDORED_TARBALL = "iree-runtime-src.tar.xz"
-# What the cache key covers besides the tarball and the patches: change it when the runtime's flags change.
-BUILD_RECIPE = "runtime-only; drivers local-sync local-task vulkan; embedded-elf loader; Release"
 
 C_TYPES = {
   "bool": "bool",
