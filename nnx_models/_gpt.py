@@ -226,6 +226,18 @@ class GPT(nnx.Module):
     return jax.random.gumbel(self.sampling.sample(), (steps, batch, self.config.vocab_size))
 
 
+def _kth_largest(logits: jax.Array, k: int) -> jax.Array:
+  """The ``k``-th largest logit of each row (B, 1), by ``k`` max reductions (tied values count once).
+
+  Not ``jax.lax.top_k``: it lowers to a sort whose SPIR-V kernel races (IREE 3.13; the race
+  check refuses the Metal build), while max reductions compile correctly everywhere.
+  """
+  lowest = jnp.finfo(logits.dtype).min
+  for _ in range(k - 1):
+    logits = jnp.where(logits >= logits.max(axis=-1, keepdims=True), lowest, logits)
+  return logits.max(axis=-1, keepdims=True)
+
+
 def sample(logits: jax.Array, temperature: jax.Array, noise: jax.Array, top_k: int | None = None) -> jax.Array:
   """The next token (B,): the argmax where ``temperature`` is 0, else drawn from the ``top_k`` most likely.
 
@@ -235,8 +247,7 @@ def sample(logits: jax.Array, temperature: jax.Array, noise: jax.Array, top_k: i
   """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if top_k is not None:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, jnp.finfo(logits.dtype).min, logits)
+    logits = jnp.where(logits < _kth_largest(logits, top_k), jnp.finfo(logits.dtype).min, logits)
   scaled = logits / jnp.maximum(temperature, jnp.asarray(1e-6, logits.dtype)) + noise
   return jnp.where(temperature > 0, jnp.argmax(scaled, axis=-1).astype(jnp.int32), greedy)
 

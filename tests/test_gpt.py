@@ -17,6 +17,7 @@ from tests.conftest import TOLERANCES, assert_trees_allclose, require_device
 
 BUCKETS = (4, 8)
 MAX_NEW = 8
+TOP_K = 5  # sampling from the 5 most likely: the k-th largest by max reductions, race-free on Metal
 PROMPTS = [np.array([[5, 7, 11]], np.int32), np.array([[3, 1, 4, 1, 5, 9]], np.int32)]  # one per bucket
 
 
@@ -35,7 +36,7 @@ def loaded(request):
   """
   require_device(request.param)
   model = fresh_model()
-  functions = generation_functions(model, buckets=BUCKETS, max_new=MAX_NEW)
+  functions = generation_functions(model, buckets=BUCKETS, max_new=MAX_NEW, top_k=TOP_K)
   return request.param, nnxc.export(model, functions, target=request.param).load()
 
 
@@ -99,7 +100,7 @@ def test_generate_on_the_device_matches_eager_token_for_token(exported):
     bucket = min(b for b in BUCKETS if b >= prompt.shape[1])
     padded = jnp.zeros((1, bucket), jnp.int32).at[:, : prompt.shape[1]].set(prompt)
     length, steps = jnp.int32(prompt.shape[1]), MAX_NEW - 2
-    expected = generate(model, padded, length, jnp.int32(steps), jnp.float32(temperature), max_new=MAX_NEW)
+    expected = generate(model, padded, length, jnp.int32(steps), jnp.float32(temperature), max_new=MAX_NEW, top_k=TOP_K)
     np.testing.assert_array_equal(generate_on(program, prompt, steps, temperature=temperature), expected[:, :steps])
   np.testing.assert_array_equal(expected[:, steps:], 0)  # past `steps` the output stays empty
   assert_trees_allclose(program.state(nnx.RngState), nnx.state(model, nnx.RngState), rtol=0, atol=0)
@@ -113,6 +114,17 @@ def test_sampling_at_a_temperature_draws_other_tokens_than_greedy():
   tokens = [generate(m, prompt, length, steps, jnp.float32(t), max_new=MAX_NEW) for m, t in ((greedy, 0), (sampled, 1))]
   assert not np.array_equal(*tokens)
   assert len(np.unique(tokens[0])) > 3  # greedy decoding of the tiny model does not repeat one token
+
+
+def test_top_k_sampling_draws_only_among_the_k_most_likely():
+  from nnx_models._gpt import sample
+
+  logits = jax.random.normal(jax.random.key(0), (64, 97))
+  noise = jax.random.gumbel(jax.random.key(1), (64, 97))
+  tokens = sample(logits, jnp.float32(5.0), noise, top_k=TOP_K)  # hot: unrestricted sampling would stray
+  allowed = jnp.argsort(logits, axis=-1)[:, -TOP_K:]
+  assert bool(jnp.all(jnp.any(allowed == tokens[:, None], axis=-1)))
+  assert len(np.unique(np.asarray(tokens) - np.asarray(jnp.argmax(logits, -1)))) > 1  # not always the argmax
 
 
 def test_generation_requests_that_do_not_fit_are_refused(exported):
