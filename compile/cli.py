@@ -185,7 +185,10 @@ def _check_model_accepts(model: Any, functions: dict[str, Any], options: argpars
   for mode, spec in functions.items():
 
     def trace(state, *args, spec=spec):
-      return spec.fn(nnx.merge(graphdef, state), *args)
+      model = nnx.merge(graphdef, state)
+      if spec.mode is not None:  # as export does: the model in its mode first, then the method
+        getattr(model, spec.mode)()
+      return spec.fn(model, *args)
 
     try:
       jax.eval_shape(trace, state, *spec.args)
