@@ -130,9 +130,13 @@ def run(out_dir: str | os.PathLike) -> dict:
 
   with jax.numpy_dtype_promotion("standard"):
     zoo = _export_zoo(work / "zoo")
-  results["per_call_us"] = {
-    driver: {name: _per_call(build, directory, driver, work) for name, directory in zoo.items()} for driver in DRIVERS
-  }
+  results["per_call_us"] = {driver: {} for driver in DRIVERS}
+  for driver in DRIVERS:
+    for name, directory in zoo.items():
+      try:
+        results["per_call_us"][driver][name] = _per_call(build, directory, driver, work)
+      except subprocess.CalledProcessError as e:  # one failure does not lose the other numbers
+        results["per_call_us"][driver][name] = {"error": f"{e.cmd[0]} exited {e.returncode}: {e.stderr[-300:]}"}
 
   project = work / "mlp_app"
   _deploy.write_project(zoo["mlp"], project, name="mlp", iree_source=source)
@@ -154,6 +158,9 @@ def markdown(results: dict) -> str:
   ]
   for driver, models in results["per_call_us"].items():
     for name, t in models.items():
+      if "error" in t:
+        lines.append(f"| {driver} | {name} | failed: {t['error'][:80]} | | | |")
+        continue
       lines.append(
         f"| {driver} | {name} | {t['c']:.1f} | {t['raw']:.1f} | {t['c'] / t['raw']:.2f}x | {t['python']:.1f} |"
       )

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "iree/base/tooling/flags.h"
 #include "iree/io/file_handle.h"
 #include "iree/io/formats/irpa/irpa_parser.h"
 #include "iree/io/parameter_index.h"
@@ -33,6 +34,11 @@ int main(int argc, char **argv) {
     return 2;
   }
   iree_allocator_t host = iree_allocator_system();
+  // As the library does: local-task's workers get 1 MiB of stack (cpu kernels may take 128 KiB).
+  char flag[] = "--task_worker_stack_size=1048576", program[] = "bench_raw", *flag_argv[] = {program, flag, NULL};
+  int flag_argc = 2;
+  char **flag_args = flag_argv;
+  CHECK(iree_flags_parse(IREE_FLAGS_PARSE_MODE_DEFAULT, &flag_argc, &flag_args));
   iree_runtime_instance_options_t instance_options;
   iree_runtime_instance_options_initialize(&instance_options);
   iree_runtime_instance_options_use_all_available_drivers(&instance_options);
