@@ -21,7 +21,7 @@ from ._assemble import assemble
 from ._cache import CompileCache, compile_cached, toolchain_versions
 from ._iree import Binary, origin_sites
 from ._layout import Leaf, StateLayout
-from ._lower import Lowered, lower_function, method_caller, model_name_of
+from ._lower import Lowered, dim_bounds, lower_function, method_caller, model_name_of, symbolic_dims
 from ._stablehlo import check_target_support
 from ._targets import Target, get_target
 from .rewrites._isolation import CONTRACTIONS
@@ -32,8 +32,10 @@ from .runtime import (
   Function,
   HazardError,
   Manifest,
+  SignatureError,
   Tensor,
   Variable,
+  bucket_name,
   class_path,
   device_dtype_name,
   function_name_problem,
@@ -60,6 +62,8 @@ class Export:
     args: example inputs (arrays or ``jax.ShapeDtypeStruct``).
     label: what it is, for manifests and reports.
     method, mode: for :func:`method`, the method and mode it calls (reports replay it eagerly).
+    buckets, pad: export a function of a symbolic dimension once per size in ``buckets`` instead
+      (see ``compile/runtime/_buckets.py``); ``pad``: a size between buckets runs padded in the next.
   """
 
   fn: Callable[..., Any]
@@ -67,10 +71,19 @@ class Export:
   label: str
   method: str | None = None
   mode: str | None = None
+  buckets: tuple[int, ...] = ()
+  pad: bool = False
 
 
-def method(name: str = "__call__", /, *args: Any, mode: str | None = None) -> Export:
+def method(
+  name: str = "__call__", /, *args: Any, mode: str | None = None, buckets: tuple[int, ...] = (), pad: bool = False
+) -> Export:
   """Exports ``model.<name>(*args)`` of the (first) object, in ``mode`` ('train', 'eval' or as it is).
+
+  ``args`` may have symbolic dimensions (``jax.export.symbolic_shape("b", constraints=("b <= 64",))``):
+  the function then takes any size within the bounds. Where IREE cannot compile a dimension
+  dynamically, ``buckets=(1, 8, 64)`` exports it once per size instead (``pad=True``: sizes between
+  buckets run padded in the next one; only right where rows do not mix).
 
   Example:
     >>> functions = {"train": method("__call__", x, mode="train"), "eval": method("__call__", x, mode="eval")}
@@ -83,12 +96,50 @@ def method(name: str = "__call__", /, *args: Any, mode: str | None = None) -> Ex
     # With a dict of objects the other objects come first; the inputs are always the last len(args).
     return caller(model, *others_and_inputs[len(others_and_inputs) - len(args) :])
 
-  return Export(call, args, f"{name} ({mode})" if mode else name, method=name, mode=mode)
+  label = f"{name} ({mode})" if mode else name
+  return Export(call, args, label, method=name, mode=mode, buckets=tuple(buckets), pad=pad)
 
 
-def function(fn: Callable[..., Any], /, *args: Any) -> Export:
-  """Exports ``fn(*objects, *args)``, e.g. a train step ``fn(model, optimizer, x, y) -> loss``."""
-  return Export(fn, args, getattr(fn, "__qualname__", repr(fn)))
+def function(fn: Callable[..., Any], /, *args: Any, buckets: tuple[int, ...] = (), pad: bool = False) -> Export:
+  """Exports ``fn(*objects, *args)``, e.g. a train step ``fn(model, optimizer, x, y) -> loss``.
+
+  ``args``, ``buckets`` and ``pad`` as for :func:`method`.
+  """
+  return Export(fn, args, getattr(fn, "__qualname__", repr(fn)), buckets=tuple(buckets), pad=pad)
+
+
+def _expand_buckets(functions: dict[str, Export]) -> dict[str, Export]:
+  """Each function exported with ``buckets`` as one static function per size (``eval__b8``)."""
+  expanded = {}
+  for name, spec in functions.items():
+    if not spec.buckets:
+      expanded[name] = spec
+      continue
+    dims = symbolic_dims(spec.args)
+    symbols = {str(dim) for dim in dims}
+    if len(symbols) != 1 or not next(iter(symbols)).isidentifier() or len(set(spec.buckets)) < 2:
+      raise SignatureError(
+        f"functions[{name!r}]: buckets= needs inputs with one symbolic dimension (found {sorted(symbols)}) and at "
+        f"least two sizes (got {spec.buckets})."
+      )
+    low, high = dim_bounds(dims[0])
+    symbol = symbols.pop()
+    for size in sorted(set(spec.buckets)):
+      if size < low or (high is not None and size > high):
+        raise SignatureError(f"functions[{name!r}]: bucket {size} is outside the bounds [{low}, {high}] of {symbol}.")
+      expanded[bucket_name(name, size, spec.pad)] = dataclasses.replace(
+        spec, args=_with_size(spec.args, symbol, size), label=f"{spec.label} [{symbol}={size}]", buckets=()
+      )
+  return expanded
+
+
+def _with_size(args: tuple, symbol: str, size: int) -> tuple:
+  def concrete(x: Any) -> Any:
+    if not isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    return jax.ShapeDtypeStruct(tuple(size if str(d) == symbol else d for d in x.shape), x.dtype)
+
+  return jax.tree.map(concrete, args)
 
 
 def graphdef_fingerprint(objects: Any, layout: StateLayout) -> str:
@@ -289,6 +340,7 @@ def export(
     HazardError: a SPIR-V kernel may race (names the kernel, the op and the line).
   """
   _check_names(functions)
+  functions = _expand_buckets(functions)
   target = get_target(target, metal_platform=metal_platform, cuda_arch=cuda_arch, vulkan_target=vulkan_target)
   graphdef, state = nnx.split(objects)
   layout = StateLayout.of(state)
@@ -304,7 +356,15 @@ def export(
     module_name=re.sub(r"\W", "_", model_name).lower(),
     object_keys=tuple(objects) if isinstance(objects, dict) else None,
   )
-  build = _compile(program, target, tuple(extra_flags), _cache_of(cache), check_hazards)
+  try:
+    build = _compile(program, target, tuple(extra_flags), _cache_of(cache), check_hazards)
+  except CompileError as error:
+    if any(symbolic_dims(spec.args) for spec in functions.values()):
+      error.args = (
+        f"{error.args[0]}\nIREE could not compile a symbolic dimension of this program. Export the function "
+        "once per size instead: compile.method(..., buckets=(1, 8, 32)) (see docs/symbolic-shapes.md).",
+      )
+    raise
   manifest = _manifest(
     objects=objects, layout=layout, target=build.target, build=build, variables=variables, hazards_checked=check_hazards
   )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _dims, _dtypes, _inputs, _variables
+from . import _buckets, _dims, _dtypes, _inputs, _variables
 from ._device import DeviceModule, open_device
 from ._errors import SignatureError, StateMismatchError, UnknownTargetError
 from ._interface import GET_STATE, PARAMETER_SCOPE, SET_STATE, path_name
@@ -73,41 +73,53 @@ class ProgramFunction:
   def signature(self) -> str:
     return self.spec.signature()
 
-  def device_inputs(self, args: tuple, sizes: dict[str, int] | None = None) -> list[np.ndarray]:
-    """The inputs as arrays in device dtypes, checked against the signature (see ``_inputs.py``).
-
-    ``sizes`` receives the sizes of the symbolic dimensions (``_dims.py``) the inputs have.
-    """
-    tensors, sizes = self.spec.inputs, {} if sizes is None else sizes
+  def flat_inputs(self, args: tuple) -> list[Any]:
+    """What the user passed, matched to the exported inputs' structure: one value per input (see ``_inputs.py``)."""
+    tensors = self.spec.inputs
     if len(args) == len(tensors) and self._flat and all(type(a) is np.ndarray for a in args):
-      flat = list(args)  # the hot path: one array per input, as exported
-    elif self._tree is None:  # names that are no paths (an artifact edited by hand): match flat
+      return list(args)  # the hot path: one array per input, as exported
+    if self._tree is None:  # names that are no paths (an artifact edited by hand): match flat
       flat = flatten_inputs(args)
       if len(flat) != len(tensors):
         raise SignatureError(f"{self.name} takes {len(tensors)} input arrays, got {len(flat)}: {self.signature()}.")
-    else:
-      if len(args) != len(self._tree):
-        what = "input arrays" if self._flat else "inputs"
-        raise SignatureError(
-          f"{self.name} takes {len(self._tree)} {what}, got {len(args)}: {_inputs.describe(self._tree, tensors)}."
-        )
-      flat = [None] * len(tensors)
-      for i, value in enumerate(args):
-        _inputs.match(self._tree[i], value, f"{self.name} input args[{i}]", tensors, flat)
+      return flat
+    if len(args) != len(self._tree):
+      what = "input arrays" if self._flat else "inputs"
+      raise SignatureError(
+        f"{self.name} takes {len(self._tree)} {what}, got {len(args)}: {_inputs.describe(self._tree, tensors)}."
+      )
+    flat = [None] * len(tensors)
+    for i, value in enumerate(args):
+      _inputs.match(self._tree[i], value, f"{self.name} input args[{i}]", tensors, flat)
+    return flat
+
+  def device_inputs(self, args: tuple, sizes: dict[str, int] | None = None) -> list[np.ndarray]:
+    """The inputs as arrays in device dtypes, checked against the signature.
+
+    ``sizes`` receives the sizes of the symbolic dimensions (``_dims.py``) the inputs have.
+    """
+    return self._device_arrays(self.flat_inputs(args), {} if sizes is None else sizes)
+
+  def _device_arrays(self, flat: list[Any], sizes: dict[str, int]) -> list[np.ndarray]:
+    tensors = self.spec.inputs
     try:
       arrays = [_inputs.leaf_array(v, t, f"{self.name} input", sizes) for v, t in zip(flat, tensors, strict=True)]
     except SignatureError as e:
       raise SignatureError(f"{e} The exported signature is {self.signature()}; pass matching inputs.") from None
     return [a.astype(_dtypes.dtype(t.device_dtype).numpy, copy=False) for a, t in zip(arrays, tensors, strict=True)]
 
-  def __call__(self, *args: Any) -> Any:
+  def run_flat(self, flat: list[Any]) -> list[np.ndarray]:
+    """Runs on one value per input (see :meth:`flat_inputs`); the flat outputs."""
     sizes: dict[str, int] = {}
-    inputs = self.device_inputs(args, sizes)
+    inputs = self._device_arrays(flat, sizes)
     shapes = [_dims.concrete(tensor.shape, sizes) for tensor in self.spec.outputs]
     with self._program._lock:
       views = self._program._module.invoke(self._function, inputs)
       pairs = zip(views, self.spec.outputs, shapes, strict=True)
-      leaves = [self._program._host(view, tensor, shape) for view, tensor, shape in pairs]
+      return [self._program._host(view, tensor, shape) for view, tensor, shape in pairs]
+
+  def __call__(self, *args: Any) -> Any:
+    leaves = self.run_flat(self.flat_inputs(args))
     return unflatten_outputs(self.spec.structure, leaves, _variables.known_variable_class)
 
 
@@ -135,18 +147,21 @@ class Program:
       artifact.vmfb, device_handle, parameters={PARAMETER_SCOPE: params_index(artifact.params)}
     )
     self.functions = {name: ProgramFunction(self, spec) for name, spec in artifact.functions.items()}
+    self.bucketed = _buckets.groups(self.functions)
     self._variables = {v.name: v for v in artifact.state}
     self._get_state = self._module.function(GET_STATE)
     self._set_state = self._module.function(SET_STATE)
 
-  def __getattr__(self, name: str) -> ProgramFunction:
-    functions = self.__dict__.get("functions", {})
+  def __getattr__(self, name: str) -> "ProgramFunction | _buckets.Bucketed":
+    functions, bucketed = self.__dict__.get("functions", {}), self.__dict__.get("bucketed", {})
     if name in functions:
       return functions[name]
+    if name in bucketed:
+      return bucketed[name]
     raise AttributeError(f"This program has no function {name!r}; it has {', '.join(functions) or 'none'}.")
 
   def __dir__(self) -> Iterable[str]:
-    return [*super().__dir__(), *self.functions]
+    return [*super().__dir__(), *self.functions, *self.bucketed]
 
   def _host(self, view, tensor: Tensor, shape: tuple[int, ...]) -> np.ndarray:
     array = self._module.to_host(view, shape, tensor.device_dtype)
