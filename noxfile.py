@@ -62,7 +62,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def metal(session: nox.Session) -> None:
   """Compiles every zoo model for Metal into build/metal/<model>/ and prints a table."""
-  session.install("-e", ".")
+  session.install("-e", ".[models]")
   session.run(
     "python", "-m", "nnx_models.tools.build_zoo", "--target", "metal", "--out", "build/metal", *session.posargs
   )
@@ -79,12 +79,13 @@ def lint(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
   """Benchmarks programs against jax.jit and nnx.jit; writes build/bench/bench.{json,md}."""
-  session.install("-e", ".")
-  session.run("python", "-m", "nnx_models.tools.bench", "--out", "build/bench", *session.posargs)
+  _install_system_packages(session)  # the dynamic-shape tier runs on the Metal stand-in too
+  session.install("-e", ".[test]")  # the C tier builds IREE's runtime with cmake and ninja
+  session.run("python", "-m", "nnx_models.tools.bench", "--out", "build/bench", *session.posargs, env=STANDIN_LANES)
 
 
 @nox.session(python="3.11")
 def docs(session: nox.Session) -> None:
   """Builds the documentation (Sphinx with MyST) into build/docs, offline; warnings are errors."""
-  session.install("-e", ".[docs]")
+  session.install("-e", ".[docs,models]")
   session.run("sphinx-build", "-W", "-b", "html", "docs", "build/docs", *session.posargs)

@@ -25,7 +25,12 @@ from iree import runtime as rt
 from compile import CompileCache, export, function, method
 from nnx_models import REALISTIC, ZOO
 
-from . import bench_realistic
+from . import bench_c, bench_dynamic, bench_llm, bench_realistic
+
+# Tiers beside the zoo and the realistic models: the C library (issue 15), dynamic against static
+# shapes (issue 17), the GPT-2-size language model (issue 18, minutes: only when asked for).
+TIERS = ("c", "dynamic", "llm")
+DEFAULT_TIERS = ("c", "dynamic")
 
 BATCHES = (1, 32, 256)
 TRAINED = ("mlp", "stacked_mlp", "linear_regression")  # zoo models with a benchmarked train step
@@ -307,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     nargs="*",
     help="realistic models (throughput; default: all, or none when --models is given; `--realistic` alone: none)",
   )
+  parser.add_argument(
+    "--tiers",
+    nargs="*",
+    choices=TIERS,
+    help=f"more tiers (default: {' '.join(DEFAULT_TIERS)}, or none when --models is given; llm only when named)",
+  )
+  parser.add_argument("--llm", action="store_true", help="add the language-model tier (GPT-2 small, full size)")
+  parser.add_argument("--llm-quick", action="store_true", help="the language-model tier at its tiny size")
   options = parser.parse_args(argv)
   for flag, chosen, known in (("--models", options.models, ZOO), ("--realistic", options.realistic, REALISTIC)):
     unknown = [name for name in chosen or () if name not in known]
@@ -317,10 +330,22 @@ def main(argv: list[str] | None = None) -> int:
   models = options.models if options.models is not None else list(ZOO)
   # Zoo models named alone are a quick run: the realistic tier then runs only if asked for.
   realistic = options.realistic if options.realistic is not None else ([] if options.models else list(REALISTIC))
+  tiers = set(options.tiers if options.tiers is not None else ([] if options.models else DEFAULT_TIERS))
+  tiers |= {"llm"} if options.llm or options.llm_quick else set()
   report = run(options.rounds, options.calls, models, realistic)
   options.out.mkdir(parents=True, exist_ok=True)
-  (options.out / "bench.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
+  results: dict = {**dataclasses.asdict(report)}
   table = markdown(report)
+  if "c" in tiers:
+    results["c"] = bench_c.run(options.out)
+    table += "\n" + bench_c.markdown(results["c"])
+  if "dynamic" in tiers:
+    results["dynamic"] = bench_dynamic.run()
+    table += "\n" + "\n".join(bench_dynamic.markdown(results["dynamic"])) + "\n"
+  if "llm" in tiers:
+    results["llm"] = bench_llm.run(options.out / "llm", quick=options.llm_quick)
+    table += "\n" + bench_llm.markdown(results["llm"])
+  (options.out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
   (options.out / "bench.md").write_text(table)
   print(table)
   return 0
