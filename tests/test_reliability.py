@@ -1950,10 +1950,12 @@ def input_cases(x: np.ndarray):
     "V4",
   ]:
     with contextlib.suppress(TypeError, ValueError):
+      # jax.jit's rule with x64 off, which a Program follows: float64 is taken as float32; others are refused.
+      expected = np.zeros((4, 2), np.float32) if dtype == "float64" else "refuse"
       yield (
         f"dtype {dtype}",
         (np.zeros((4, 2), _dtypes.DTYPES[dtype].numpy if dtype in _dtypes.DTYPES else dtype),),
-        "refuse",
+        expected,
       )
   yield "structured dtype", (np.zeros((4, 2), [("a", "<f4")]),), "refuse"
   yield "big-endian structured", (np.zeros((4, 2), [("a", ">f4")]),), "refuse"
@@ -1974,7 +1976,7 @@ def input_cases(x: np.ndarray):
   yield "a set", ({1.0, 2.0},), "refuse"
   yield "a huge Python int", (2**100,), "refuse"
   yield "a complex array", (x.astype(np.complex64),), "refuse"
-  yield "float64 (no implicit cast)", (x.astype(np.float64),), "refuse"
+  yield "float64 (taken as float32, as jax.jit does with x64 off)", (x.astype(np.float64),), x
   yield "float16 (no implicit cast)", (x.astype(np.float16),), "refuse"
   yield "a dict holding two arrays", ({"a": x, "b": x},), "refuse"
   yield "a dict with mixed key types", ({1: x, "b": x},), "refuse"
@@ -2041,7 +2043,8 @@ def test_function_inputs(mlp, x):
 
 
 def test_random_arrays(mlp, x):
-  """Seeded random arrays: dtypes, byte orders, shapes and strides; exactly the float32[4, 2] ones are computed."""
+  """Seeded random arrays: dtypes, byte orders, shapes and strides; exactly the float32[4, 2] ones (and float64, taken
+  as float32 as jax.jit does with x64 off) are computed."""
   program = nnxc.load_program(mlp.directory)
   rng = np.random.default_rng(20260509)
   dtypes = [np.dtype(d) for d in ("f4", ">f4", "f8", ">f8", "f2", "i4", ">i4", "u4", "i8", "u1", "?", "c8", "O")]
@@ -2057,8 +2060,8 @@ def test_random_arrays(mlp, x):
       array = base[::2] if shape and rng.random() < 0.5 else (base[: shape[0]] if shape else base)
       if rng.random() < 0.2:
         array = np.asfortranarray(array)
-      if array.dtype.name == "float32" and array.shape == (4, 2):
-        want = program.eval(np.ascontiguousarray(array, np.float32))
+      if array.dtype.name in ("float32", "float64") and array.shape == (4, 2):  # float64 as jax.jit takes it
+        want = program.eval(np.ascontiguousarray(array.astype(np.float32)))
         judge(
           "inputs",
           f"random #{i}: {dtype.str}{list(array.shape)}",

@@ -7,7 +7,7 @@ either the old or the new directory in place. Saves into one parent directory ar
 serialized with an advisory lock on it, and temporaries left by killed saves are
 removed by the next save: only directories that carry nnx-metal's marker file, never
 a user's folder that merely has a temporary's name. Files a user put into the old
-artifact (a report.html) are hard-linked into the new one before the swap, so
+artifact (a report.html) are hard-linked (or copied) into the new one before the swap, so
 nothing but the old artifact's own files goes. Folders and files get the modes the
 umask gives (as ``mkdir`` and ``open`` do), and a replaced directory keeps its mode.
 
@@ -24,6 +24,7 @@ import os
 import pathlib
 import re
 import secrets
+import shutil
 import stat
 import sys
 import time
@@ -211,7 +212,15 @@ def _keep(old: pathlib.Path, tmp: pathlib.Path, relative: str) -> None:
       _keep(old, tmp, f"{relative}/{name}")
     return
   try:
-    os.link(source, target, follow_symlinks=False)
+    try:
+      os.link(source, target, follow_symlinks=False)
+    except OSError:  # a file system without hard links, or another user's file (fs.protected_hardlinks)
+      if stat.S_ISLNK(info.st_mode):
+        os.symlink(os.readlink(source), target)
+      elif stat.S_ISREG(info.st_mode):
+        shutil.copy2(source, target, follow_symlinks=False)
+      else:
+        raise
   except OSError as e:
     raise ArtifactError(
       f"{source} is not a file of the artifact there, and it cannot be kept in the new one ({e.strerror or e}); "
