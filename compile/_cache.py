@@ -14,6 +14,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 
 from ._iree import Binary, compile_module, module_flags
@@ -150,7 +151,16 @@ def compile_cached(
   try:
     binary = compile_module(mlir, module_name, target, extra_flags, sites=sites)
   except CompileError as error:
-    cache.put_failure(key, error)
+    _best_effort(cache.put_failure, key, error)
     raise
-  cache.put(key, binary)
+  _best_effort(cache.put, key, binary)
   return binary, False
+
+
+def _best_effort(write, key: str, value) -> None:
+  """A cache write that fails (a full disk, a read-only home) costs a compile next time, not this export."""
+  try:
+    write(key, value)
+  except OSError as e:
+    why = e.strerror or e
+    warnings.warn(f"nnx-metal's compile cache was not written ({why}); the next export compiles again.", stacklevel=4)
