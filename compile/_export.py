@@ -80,6 +80,10 @@ def method(
 ) -> Export:
   """Exports ``model.<name>(*args)`` of the (first) object, in ``mode`` ('train', 'eval' or as it is).
 
+  ``mode=None`` exports the model as it is when ``export`` runs. NNX modules start in train mode
+  (Dropout draws a new mask every call, BatchNorm updates its statistics), so a prediction wants
+  ``mode="eval"``; ``export`` warns where a model in train mode is exported without a mode.
+
   ``args`` may have symbolic dimensions (``jax.export.symbolic_shape("b", constraints=("b <= 64",))``):
   the function then takes any size within the bounds. Where IREE cannot compile a dimension
   dynamically, ``buckets=(1, 8, 64)`` exports it once per size instead (``pad=True``: sizes between
@@ -106,6 +110,32 @@ def function(fn: Callable[..., Any], /, *args: Any, buckets: tuple[int, ...] = (
   ``args``, ``buckets`` and ``pad`` as for :func:`method`.
   """
   return Export(fn, args, getattr(fn, "__qualname__", repr(fn)), buckets=tuple(buckets), pad=pad)
+
+
+# Flags that NNX's train() and eval() set: False is train mode (Dropout draws masks, BatchNorm updates its stats).
+_MODE_FLAGS = ("deterministic", "use_running_average")
+
+
+def _warn_of_default_mode(objects: Any, functions: dict[str, Export]) -> None:
+  """Warns where ``method(...)`` without ``mode=`` exports a model whose layers are in train mode."""
+  unset = [name for name, spec in functions.items() if spec.method is not None and spec.mode is None]
+  if not unset:
+    return
+  root = next(iter(objects.values())) if isinstance(objects, dict) else objects
+  training = [
+    f"{path_name(path) or type(node).__name__}.{flag}"
+    for path, node in nnx.iter_graph(root)
+    if nnx.graph.is_graph_node(node)
+    for flag in _MODE_FLAGS
+    if getattr(node, flag, None) is False
+  ]
+  if training:
+    warnings.warn(
+      f"{', '.join(unset)}: method(...) without mode= exports the model as it is, in train mode here "
+      f"({', '.join(training[:3])} is False): each call draws new Dropout masks and updates BatchNorm statistics. "
+      "Pass mode='eval' for predictions, or mode='train' to say that this is meant.",
+      stacklevel=3,
+    )
 
 
 def _expand_buckets(functions: dict[str, Export]) -> dict[str, Export]:
@@ -340,6 +370,7 @@ def export(
     HazardError: a SPIR-V kernel may race (names the kernel, the op and the line).
   """
   _check_names(functions)
+  _warn_of_default_mode(objects, functions)
   functions = _expand_buckets(functions)
   target = get_target(target, metal_platform=metal_platform, cuda_arch=cuda_arch, vulkan_target=vulkan_target)
   graphdef, state = nnx.split(objects)
@@ -353,7 +384,9 @@ def export(
     variables=variables,
     functions=functions,
     model_name=model_name,
-    module_name=re.sub(r"\W", "_", model_name).lower(),
+    # IREE names each kernel dump <module>_<function>_dispatch_<n>_<ops> and silently skips one longer than the
+    # file system allows, which the race check would then never see; a dict of many objects has a long name.
+    module_name=re.sub(r"\W", "_", model_name).lower()[:32],
     object_keys=tuple(objects) if isinstance(objects, dict) else None,
   )
   try:
