@@ -9,7 +9,9 @@ swaps them into an exported program without recompiling.
 
 The products dequantize inside the kernel: ``(x @ int8_kernel) * scale``, where the
 int8-to-float conversion is an elementwise producer that IREE fuses into the matrix
-product's dispatch, so the float32 weights never exist in memory.
+product's dispatch (``vecmat_..._f32xi8xf32``), so a Linear's float32 weights never exist
+in memory. A tied output projection (``QuantizedEmbed.attend``) is the exception on IREE
+3.13: it converts and transposes the table in a dispatch of its own on every call.
 """
 
 import jax
