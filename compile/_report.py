@@ -9,7 +9,7 @@ count and, for Metal, the MSL source of each of its kernels.
 import dataclasses
 import html
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -18,6 +18,7 @@ import treescope
 from flax import nnx
 
 from ._layout import value_of, variable_type_of
+from ._lower import call_with_objects, set_mode
 from .runtime import Artifact, ArtifactError, Program, path_name
 
 _STYLE = """
@@ -64,21 +65,36 @@ def _errors(got: Any, want: Any) -> tuple[float, float]:
   return float(difference.max(initial=0.0)), float((difference / np.maximum(np.abs(want), 1e-30)).max(initial=0.0))
 
 
-def replay(program: Program, model: nnx.Module, calls: Sequence[tuple[str, tuple]]) -> list[Parity]:
+def replay(
+  program: Program,
+  model: Any,
+  calls: Sequence[tuple[str, tuple]],
+  functions: dict[str, Callable[..., Any]] | None = None,
+) -> list[Parity]:
   """Runs ``calls`` (function name, inputs) on the program and eagerly on ``model``; compares outputs and state.
 
-  Only functions exported with :func:`compile.method` can be replayed eagerly
-  (the report says which were skipped).
+  ``model`` is what was exported: a module or a dict of objects (``{"model": ..., "optimizer": ...}``).
+  Functions exported with :func:`compile.method` are replayed from the manifest; those exported
+  with :func:`compile.function` need their Python function in ``functions`` (a call without one
+  raises ValueError naming it, rather than being left out of the table).
   """
+  functions = functions or {}
+  keys = tuple(model) if isinstance(model, dict) else None
+  first = next(iter(model.values())) if isinstance(model, dict) else model
   rows = []
   for index, (name, args) in enumerate(calls):
     spec = program.artifact.functions[name]
+    if spec.method is None and name not in functions:
+      raise ValueError(
+        f"Call {index} runs {name}, a compile.function export: pass functions={{{name!r}: fn}} so that the "
+        "report can replay it eagerly."
+      )
     got = program.functions[name](*args)
-    if spec.method is None:
-      continue
-    if spec.mode:
-      getattr(model, spec.mode)()
-    want = getattr(model, spec.method)(*args)
+    if name in functions:
+      want = call_with_objects(model, functions[name], tuple(args), keys)
+    else:
+      set_mode(first, spec.mode)
+      want = getattr(first, spec.method)(*args)
     for leaf, (got_leaf, want_leaf) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)):
       rows.append(Parity(f"call {index}: {name} output {leaf}", "output", *_errors(got_leaf, want_leaf)))
   compiled = dict(nnx.to_flat_state(program.state()))
@@ -154,8 +170,9 @@ def write_report(
   path: str | pathlib.Path,
   *,
   program: Program | None = None,
-  model: nnx.Module | None = None,
+  model: Any = None,
   calls: Sequence[tuple[str, tuple]] = (),
+  functions: dict[str, Callable[..., Any]] | None = None,
   tolerance: float = 1e-4,
 ) -> pathlib.Path:
   """Writes the HTML report of ``artifact`` to ``path``.
@@ -164,12 +181,13 @@ def write_report(
     artifact: what to report: functions, dispatches, MSL, state layout.
     path: the ``.html`` file to write.
     program: the artifact (or its twin for a device this machine has) loaded, to replay ``calls`` on.
-    model: the eager model to compare with, in the state the artifact was exported from;
-      rendered with treescope (else the artifact's saved state is).
+    model: the eager objects to compare with (a module or the dict of objects that was exported), in
+      the state the artifact was exported from; rendered with treescope (else the artifact's saved state is).
     calls: ``(function name, inputs)`` run on ``program`` and eagerly on ``model`` before comparing.
+    functions: ``{name: fn}`` of the :func:`compile.function` exports among ``calls``, to replay them eagerly.
     tolerance: max abs error above which a parity cell is highlighted.
   """
-  parity = replay(program, model, calls) if model is not None and program is not None else None
+  parity = replay(program, model, calls, functions) if model is not None and program is not None else None
   rendered = treescope.render_to_html(model if model is not None else _saved_state(artifact), compressed=False)
   manifest = artifact.manifest
   title = f"{manifest.model} for {manifest.target.name}"

@@ -21,6 +21,9 @@ _SHARDING_CALLS = frozenset({"Sharding", "SPMDFullToShardShape", "SPMDShardToFul
 # jax.export's checks of symbolic dimensions against their constraints: the Program checks the
 # declared bounds before every call (compile/runtime/_dims.py), and IREE has no such kernel.
 _SHAPE_ASSERTION = "shape_assertion"
+# The custom calls by which JAX calls back into Python (jax.debug.print, pure_callback, io_callback).
+_HOST_CALLBACKS = ("xla_ffi_python_cpu_callback", "xla_ffi_python_gpu_callback", "xla_python_cpu_callback")
+_HOST_CALLBACKS += ("xla_python_gpu_callback", "xla_ffi_partitioned_python_cpu_callback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +184,12 @@ def check_target_support(sites: tuple[OpSite, ...], target: Target) -> None:
   iree-compile legalization failure.
   """
   for site in sites:
+    if any(site.op.endswith(f"@{call}") for call in _HOST_CALLBACKS):
+      raise UnsupportedOpError(
+        f"`{site.describe()}` is a host callback (jax.debug.print, jax.debug.callback, jax.pure_callback or "
+        "io_callback): a compiled program runs on the device with no Python to call back. Remove it from the "
+        f"exported function (print the outputs instead), or run the function eagerly to debug it."
+      )
     if site.op.startswith("stablehlo.custom_call"):
       raise UnsupportedOpError(
         f"`{site.describe()}` cannot be compiled for target {target.name!r}: "

@@ -254,3 +254,40 @@ def test_typed_keys_are_inputs_and_rngs_are_refused_with_the_fix(target):
     nnxc.export(model, {"f": nnxc.function(lambda m, rngs, x: m(x), nnx.Rngs(0), x)}, target=target)
   with pytest.raises(nnxc.SignatureError, match=r"args\[0\]: expected uint32\[2\], got Rngs"):
     program.f(nnx.Rngs(1), x)
+
+
+# 5. Smaller frictions.
+
+
+def test_host_callbacks_are_refused_by_name():
+  def noisy(model, x):
+    jax.debug.print("x = {}", x)
+    return model(x)
+
+  with pytest.raises(nnxc.UnsupportedOpError, match=r"host callback \(jax\.debug\.print.*Remove it"):
+    nnxc.export(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), {"f": nnxc.function(noisy, _X)})
+
+
+_METRICS = """
+import sys
+from compile.runtime import load_program
+print(type(load_program(sys.argv[1]).state()["metrics"]["loss"]["total"]).__name__)
+"""
+
+
+def test_flax_metric_state_loads_in_a_fresh_process_without_registration(tmp_path):
+  def record(model, metrics, x):
+    loss = jnp.mean(model(x) ** 2)
+    metrics.update(loss=loss)
+    return loss
+
+  objects = {"model": nnx.Linear(2, 3, rngs=nnx.Rngs(0)), "metrics": nnx.MultiMetric(loss=nnx.metrics.Average("loss"))}
+  nnxc.export(objects, {"record": nnxc.function(record, _X)}).save(tmp_path / "m")
+  fresh = subprocess.run([sys.executable, "-c", _METRICS, str(tmp_path / "m")], capture_output=True, text=True)
+  assert fresh.stdout.strip() == "MetricState", fresh.stderr[-2000:]
+
+
+def test_method_without_mode_warns_where_the_model_is_in_train_mode():
+  model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(1)))
+  with pytest.warns(UserWarning, match=r"predict: method\(\.\.\.\) without mode= .*layers\.1\.deterministic"):
+    nnxc.export(model, {"predict": nnxc.method("__call__", _X)})

@@ -122,6 +122,8 @@ def variable_check(demote_f64: bool) -> Callable[[Any, str], Variable]:
       key_impl=fields.get("key_impl", optional(one_of(KEY_IMPLS))),
     )
     fields.done()
+    if any(isinstance(dim, Dim) for dim in variable.shape):
+      raise fail(f"{where}.shape", "must hold sizes only: state has no symbolic dimensions")
     if variable.name != path_name(variable.path):
       raise fail(f"{where}.name", f"is {variable.name!r} but its path joins to {path_name(variable.path)!r}")
     if variable.key_impl is not None and (variable.dtype, variable.shape[-1:]) != (

@@ -43,9 +43,16 @@ def register_variable_type(cls: type) -> type:
 
 
 def _flax_types() -> dict[str, type]:
+  """flax's own Variable classes: nnx's, and those of its submodules (nnx.metrics' MetricState, optimizer state)."""
   from flax import nnx
 
-  return {class_path(v): v for v in vars(nnx).values() if isinstance(v, type) and issubclass(v, nnx.Variable)}
+  found, pending = {}, [nnx.Variable]
+  while pending:
+    cls = pending.pop()
+    if cls.__module__.split(".")[0] == "flax":
+      found[class_path(cls)] = cls
+    pending += cls.__subclasses__()
+  return found
 
 
 # Metadata flax itself interprets (sharding, hooks, how the value is held): never taken from a file.
