@@ -147,21 +147,21 @@ class Program:
       artifact.vmfb, device_handle, parameters={PARAMETER_SCOPE: params_index(artifact.params)}
     )
     self.functions = {name: ProgramFunction(self, spec) for name, spec in artifact.functions.items()}
-    self.bucketed = _buckets.groups(self.functions)
+    self._groups = _buckets.groups(self.functions)  # functions exported with buckets=, by name
     self._variables = {v.name: v for v in artifact.state}
     self._get_state = self._module.function(GET_STATE)
     self._set_state = self._module.function(SET_STATE)
 
   def __getattr__(self, name: str) -> "ProgramFunction | _buckets.Bucketed":
-    functions, bucketed = self.__dict__.get("functions", {}), self.__dict__.get("bucketed", {})
+    functions, groups = self.__dict__.get("functions", {}), self.__dict__.get("_groups", {})
     if name in functions:
       return functions[name]
-    if name in bucketed:
-      return bucketed[name]
+    if name in groups:
+      return groups[name]
     raise AttributeError(f"This program has no function {name!r}; it has {', '.join(functions) or 'none'}.")
 
   def __dir__(self) -> Iterable[str]:
-    return [*super().__dir__(), *self.functions, *self.bucketed]
+    return [*super().__dir__(), *self.functions, *self._groups]
 
   def _host(self, view, tensor: Tensor, shape: tuple[int, ...]) -> np.ndarray:
     array = self._module.to_host(view, shape, tensor.device_dtype)
