@@ -131,10 +131,12 @@ def _read_dumps(dump: pathlib.Path, module_name: str) -> tuple[tuple[str, ...], 
 
 
 def _dispatch_calls(flow: str) -> dict[str, int]:
-  """``flow.dispatch`` ops per public function: the kernels each launches per call.
+  """``flow.dispatch`` ops per public function: the kernel launches in its code.
 
   Executables are deduplicated across functions (and named after the first user),
   so counting them per name undercounts; the flow-level calls are what each launches.
+  A dispatch inside a loop (``nnx.fori_loop``, ``nnx.scan``) counts once here, but
+  launches once per iteration: for a loop this is a lower bound of the launches per call.
   """
   calls, function = {}, None
   for line in flow.splitlines():
