@@ -11,10 +11,10 @@ from ._artifact import load_program as load_program
 from ._artifact import package_version as package_version
 from ._artifact import sha256 as sha256
 from ._buckets import bucket_name as bucket_name
-from ._dtypes import device_dtype_name as device_dtype_name
 from ._device import DeviceModule as DeviceModule
 from ._device import open_device as open_device
 from ._dims import Dim as Dim
+from ._dtypes import device_dtype_name as device_dtype_name
 from ._errors import ArtifactError as ArtifactError
 from ._errors import CompileError as CompileError
 from ._errors import DeviceUnavailableError as DeviceUnavailableError
