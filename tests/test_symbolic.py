@@ -145,3 +145,14 @@ def test_symbolic_dimensions_in_a_manifest_are_checked_strictly(edit, field, tmp
   (directory / "manifest.json").write_text(json.dumps(manifest))
   with pytest.raises(nnxc.ArtifactError, match=field):
     nnxc.Artifact.open(directory)
+
+
+def test_the_dynamic_bench_times_every_batch_and_renders_its_table():
+  from nnx_models.tools import bench_dynamic
+
+  result = bench_dynamic.run(targets=("cpu",), batches=(1, 3), calls=2)
+  assert [(row["target"], row["batch"]) for row in result["rows"]] == [("cpu", 1), ("cpu", 3)]
+  assert all(row["static_ms"] > 0 and row["dynamic_ms"] > 0 and row["bucketed_ms"] > 0 for row in result["rows"])
+  table = bench_dynamic.markdown(result)
+  assert table[0].startswith("### Dynamic against static shapes")
+  assert sum(line.startswith("| cpu |") for line in table) == 2
