@@ -280,3 +280,20 @@ def test_bfloat16_bit_manipulation_is_refused_on_spirv_naming_op_and_line():
   ):
     nnxc.export(Bits(), {"f": nnxc.method("__call__", x)}, target="metal")
   assert nnxc.export(Bits(), {"f": nnxc.method("__call__", x)}, target="cpu").load().f(x).dtype == np.uint16
+
+
+def test_a_state_keyed_by_a_tuple_path_saves_and_opens(tmp_path):
+  """flax's SpectralNorm keys its statistics by the parameter's path: ('batch_stats', ('kernel', 'sigma'))."""
+  from nnx_models import CATALOG
+  from nnx_models.tools.build_zoo import catalog_functions
+
+  entry = CATALOG["spectral_norm"]
+  objects = entry.objects()
+  with jax.numpy_dtype_promotion("standard"):
+    artifact = nnxc.export(objects, catalog_functions(entry), target="cpu")
+  artifact.save(tmp_path / "spectral")
+  opened = nnxc.Artifact.open(tmp_path / "spectral")
+  paths = [path for path, _ in nnx.to_flat_state(nnx.state(objects))]
+  assert [v.path for v in opened.state] == paths
+  assert any(isinstance(part, tuple) for path in paths for part in path)  # the case this test is about
+  assert_trees_allclose(opened.load().state(), nnx.state(objects), rtol=0, atol=0)

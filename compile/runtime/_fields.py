@@ -177,7 +177,13 @@ def scalar(value: Any, where: str) -> str | int | float | bool:
   raise fail(where, "must be a string, number or boolean")
 
 
-def path_part(value: Any, where: str) -> str | int:
+def path_part(value: Any, where: str) -> str | int | tuple[str | int, ...]:
+  """A key of an NNX path: a name, an index, or a tuple of them (flax's SpectralNorm keys its
+  statistics by the parameter's path, ``('kernel', 'sigma')``), written as a JSON list."""
+  if isinstance(value, list):
+    if not 1 <= len(value) <= 16 or any(isinstance(part, list) for part in value):
+      raise fail(where, "must be a name, an index, or a list of 1 to 16 names or indices")
+    return tuple(path_part(part, f"{where}[{i}]") for i, part in enumerate(value))
   if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
     return value
   return string(value, where, limit=256)
