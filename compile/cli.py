@@ -447,16 +447,16 @@ def check(options: argparse.Namespace) -> int:
 
 
 def deploy(options: argparse.Namespace) -> int:
-  """Writes a self-contained C project for one artifact (see compile/runtime/_deploy.py)."""
-  from .runtime import _deploy
+  """Writes a self-contained C project for one artifact (see compile/runtime/deploy.py)."""
+  from .runtime import deploy as c_project
 
   source = options.iree_source
   if source is None:
     try:
-      source = _deploy.iree_runtime_source()
-    except _deploy.BuildError:
+      source = c_project.iree_runtime_source()
+    except c_project.BuildError:
       source = None  # set NNX_METAL_IREE_SOURCE_DIR when configuring instead
-  out = _deploy.write_project(options.artifact, options.out, name=options.name, iree_source=source)
+  out = c_project.write_project(options.artifact, options.out, name=options.name, iree_source=source)
   print(f"C project in {out} (README.md): cmake -G Ninja -S {out} -B {out}/build && cmake --build {out}/build")
   return 0
 

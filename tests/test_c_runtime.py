@@ -25,7 +25,7 @@ from flax import nnx
 
 import compile as nnxc
 import compile.runtime
-from compile.runtime import _deploy
+from compile.runtime import deploy
 from nnx_models import MLP, REALISTIC, ZOO
 from tests.conftest import TOLERANCES, assert_trees_allclose, require_device, skip_or_fail
 
@@ -41,18 +41,18 @@ RUNS = [("cpu", "local-sync"), ("cpu", "local-task"), ("metal-vulkan", "vulkan")
 def c_build():
   """IREE's runtime, the library and tests/c built once per cache entry: ``{program: path}``."""
   try:
-    source = _deploy.iree_runtime_source()
-  except _deploy.BuildError as e:
+    source = deploy.iree_runtime_source()
+  except deploy.BuildError as e:
     skip_or_fail(REQUIREMENT, str(e))
   try:
-    _deploy.tool("cmake"), _deploy.tool("ninja")
-  except _deploy.BuildError as e:
+    deploy.tool("cmake"), deploy.tool("ninja")
+  except deploy.BuildError as e:
     skip_or_fail(REQUIREMENT, str(e))
   # A new build folder when the sources' place or the CMake files change (their option defaults apply at configure).
-  cmake_files = (TESTS_C / "CMakeLists.txt").read_text() + (_deploy.LIBRARY / "CMakeLists.txt").read_text()
+  cmake_files = (TESTS_C / "CMakeLists.txt").read_text() + (deploy.LIBRARY / "CMakeLists.txt").read_text()
   key = hashlib.sha256(f"{source}\n{TESTS_C.resolve()}\n{cmake_files}".encode()).hexdigest()[:16]
   build_dir = source.parent / f"tests-{key}"
-  _deploy.build(TESTS_C, build_dir, iree_source=source, targets=("nnx_run", "fuzz_json"))
+  deploy.build(TESTS_C, build_dir, iree_source=source, targets=("nnx_run", "fuzz_json"))
   return {"nnx_run": build_dir / "nnx_run", "fuzz_json": build_dir / "fuzz_json", "source": source}
 
 
@@ -452,12 +452,12 @@ def test_version_skew_message_names_the_compiler_and_runtime_to_use(c_build, ada
   shutil.copytree(adamw_artifacts("cpu"), directory)
   _edit_manifest(directory, lambda m: m["versions"].__setitem__("iree-base-compiler", "3.99.0"))
   message = run_c(c_build, directory, "info", check=False).stderr
-  assert "iree-base-compiler 3.99.0" in message and "3.13" in message and _deploy.IREE_COMMIT in message
-  header = (_deploy.LIBRARY / "nnx_metal.h").read_text()
+  assert "iree-base-compiler 3.99.0" in message and "3.13" in message and deploy.IREE_COMMIT in message
+  header = (deploy.LIBRARY / "nnx_metal.h").read_text()
   from compile.runtime._file_names import FORMAT_VERSION
 
   assert f"#define NNX_METAL_FORMAT_VERSION {FORMAT_VERSION}\n" in header
-  assert f'#define NNX_METAL_IREE_RUNTIME_COMMIT "{_deploy.IREE_COMMIT}"' in header
+  assert f'#define NNX_METAL_IREE_RUNTIME_COMMIT "{deploy.IREE_COMMIT}"' in header
   compiler = nnxc.Artifact.open(adamw_artifacts("cpu")).manifest.versions["iree-base-compiler"]
   assert compiler.startswith(header.split('NNX_METAL_IREE_COMPILER_RELEASE "')[1].split('"')[0] + ".")
 
@@ -619,7 +619,7 @@ def test_deploy_writes_a_project_that_builds_and_runs_from_a_clean_directory(c_b
   assert "nnx_code_t mlp_predict(nnx_program_t *program, const float args_0[8][2], float outputs[8][5]" in header
   train_step = "nnx_code_t mlp_train_step(nnx_program_t *program, const float args_0[8][2], const float args_1[8][5], "
   assert train_step in header
-  build = _deploy.build(project, tmp_path / "build", iree_source=c_build["source"], targets=("mlp_demo",))
+  build = deploy.build(project, tmp_path / "build", iree_source=c_build["source"], targets=("mlp_demo",))
   demo = subprocess.run([str(build / "mlp_demo"), str(project / "artifact")], capture_output=True, text=True)
   assert demo.returncode == 0, demo.stderr
   program = nnxc.load_program(directory)

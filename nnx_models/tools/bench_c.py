@@ -30,7 +30,7 @@ import numpy as np
 from iree import runtime as rt
 
 import compile as nnxc
-from compile.runtime import _deploy
+from compile.runtime import deploy
 from nnx_models import ZOO
 
 TESTS_C = pathlib.Path(__file__).resolve().parents[2] / "tests" / "c"
@@ -97,7 +97,7 @@ def _per_call(build: pathlib.Path, directory: pathlib.Path, driver: str, work: p
 
 def _timed_build(project: pathlib.Path, build_dir: pathlib.Path, source: pathlib.Path, targets) -> float:
   start = time.perf_counter()
-  _deploy.build(project, build_dir, iree_source=source, targets=targets)
+  deploy.build(project, build_dir, iree_source=source, targets=targets)
   return time.perf_counter() - start
 
 
@@ -117,14 +117,14 @@ def run(out_dir: str | os.PathLike) -> dict:
   work = out / "c"
   shutil.rmtree(work, ignore_errors=True)
   work.mkdir(parents=True)
-  source = _deploy.iree_runtime_source()
-  results: dict = {"calls": CALLS, "repeats": REPEATS, "iree_commit": _deploy.IREE_COMMIT}
+  source = deploy.iree_runtime_source()
+  results: dict = {"calls": CALLS, "repeats": REPEATS, "iree_commit": deploy.IREE_COMMIT}
 
   build = work / "build"
   results["runtime_and_library_build_s"] = _timed_build(TESTS_C, build, source, ("nnx_run", "bench_raw"))
-  for name in _deploy.LIBRARY_FILES:
+  for name in deploy.LIBRARY_FILES:
     if name.endswith(".c"):
-      os.utime(_deploy.LIBRARY / name)
+      os.utime(deploy.LIBRARY / name)
   results["library_build_s"] = _timed_build(TESTS_C, build, source, ("nnx_metal",))
   results["library_bytes"] = next(build.rglob("libnnx_metal.a")).stat().st_size
 
@@ -139,7 +139,7 @@ def run(out_dir: str | os.PathLike) -> dict:
         results["per_call_us"][driver][name] = {"error": f"{e.cmd[0]} exited {e.returncode}: {e.stderr[-300:]}"}
 
   project = work / "mlp_app"
-  _deploy.write_project(zoo["mlp"], project, name="mlp", iree_source=source)
+  deploy.write_project(zoo["mlp"], project, name="mlp", iree_source=source)
   results["minimal_app_build_s"] = _timed_build(project, work / "mlp_app_build", source, ("mlp_demo",))
   app = work / "mlp_app_build" / "mlp_demo"
   subprocess.run([str(app), str(project / "artifact")], check=True, capture_output=True)
