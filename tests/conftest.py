@@ -13,6 +13,7 @@ os.environ.setdefault("MESA_SHADER_CACHE_DISABLE", "true")  # Mesa's cache ignor
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 
 import compile as nnxc  # noqa: E402
 from compile.runtime import RUNTIME_TARGETS, open_device  # noqa: E402
@@ -116,3 +117,10 @@ def standard_dtype_promotion():
   floats to int32 step counts, and flax.linen's pooling divides by an int window size."""
   with jax.numpy_dtype_promotion("standard"):
     yield
+
+
+def mse_train_step(model, optimizer, x, y):
+  """The README's train step: one optimizer step on the mean squared error; returns the loss."""
+  loss, grads = nnx.value_and_grad(lambda model: jax.numpy.mean((model(x) - y) ** 2))(model)
+  optimizer.update(model, grads)
+  return loss

@@ -17,7 +17,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -27,7 +26,7 @@ import compile as nnxc
 import compile.runtime
 from compile.runtime import deploy
 from nnx_models import MLP, REALISTIC, ZOO
-from tests.conftest import TOLERANCES, assert_trees_allclose, require_device, skip_or_fail
+from tests.conftest import TOLERANCES, assert_trees_allclose, mse_train_step, require_device, skip_or_fail
 
 REQUIREMENT = "c-runtime"
 TESTS_C = pathlib.Path(__file__).parent / "c"
@@ -171,12 +170,6 @@ def zoo_artifacts(tmp_path_factory):
   return get
 
 
-def _train_step(model, optimizer, x, y):
-  loss, grads = nnx.value_and_grad(lambda model: jnp.mean((model(x) - y) ** 2))(model)
-  optimizer.update(model, grads)
-  return loss
-
-
 def _adamw_objects():
   model = MLP(2, 16, 5, rngs=nnx.Rngs(0))
   return {"model": model, "optimizer": nnx.Optimizer(model, optax.adamw(ADAMW_LR), wrt=nnx.Param)}
@@ -193,7 +186,7 @@ def adamw_artifacts(tmp_path_factory):
   def get(target: str) -> pathlib.Path:
     if target not in built:
       functions = {
-        "train_step": nnxc.function(_train_step, X, Y),
+        "train_step": nnxc.function(mse_train_step, X, Y),
         "predict": nnxc.method("__call__", X, mode="eval"),
       }
       path = tmp_path_factory.mktemp(f"adamw-{target}") / "mlp_adamw"
@@ -220,7 +213,7 @@ def test_zoo_programs_match_the_python_program(c_build, zoo_artifacts, target, d
 
 
 @pytest.mark.parametrize(("target", "driver"), RUNS)
-def test_adamw_train_step_resident_in_c_merges_back_into_the_eager_model(
+def test_adamwmse_train_step_resident_in_c_merges_back_into_the_eager_model(
   c_build, adamw_artifacts, target, driver, tmp_path
 ):
   """C trains 10 steps and saves; Python opens the save and program.update(objects) equals 10 eager steps."""
@@ -231,7 +224,7 @@ def test_adamw_train_step_resident_in_c_merges_back_into_the_eager_model(
   eager = _adamw_objects()
   with jax.numpy_dtype_promotion("standard"):
     for _ in range(ADAMW_STEPS):
-      nnx.jit(_train_step)(eager["model"], eager["optimizer"], X, Y)
+      nnx.jit(mse_train_step)(eager["model"], eager["optimizer"], X, Y)
   merged = _adamw_objects()
   nnxc.load_program(saved, device=driver).update(merged)
   got = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(merged))}
@@ -246,7 +239,7 @@ def test_adamw_train_step_resident_in_c_merges_back_into_the_eager_model(
 
 @pytest.mark.parametrize("driver", ["local-sync", "local-task"])
 @pytest.mark.usefixtures("standard_dtype_promotion")
-def test_realistic_transformer_train_step_matches_the_python_program(c_build, driver, tmp_path):
+def test_realistic_transformermse_train_step_matches_the_python_program(c_build, driver, tmp_path):
   entry = REALISTIC["transformer_2x256"]
   calls = entry.calls()
   functions = {name: nnxc.function(fn, *args) for name, (fn, args) in calls.items()}
@@ -617,7 +610,9 @@ def test_deploy_writes_a_project_that_builds_and_runs_from_a_clean_directory(c_b
   assert result.returncode == 0, result.stderr[-3000:]
   header = (project / "mlp.h").read_text()
   assert "nnx_code_t mlp_predict(nnx_program_t *program, const float args_0[8][2], float outputs[8][5]" in header
-  train_step = "nnx_code_t mlp_train_step(nnx_program_t *program, const float args_0[8][2], const float args_1[8][5], "
+  train_step = (
+    "nnx_code_t mlpmse_train_step(nnx_program_t *program, const float args_0[8][2], const float args_1[8][5], "
+  )
   assert train_step in header
   build = deploy.build(project, tmp_path / "build", iree_source=c_build["source"], targets=("mlp_demo",))
   demo = subprocess.run([str(build / "mlp_demo"), str(project / "artifact")], capture_output=True, text=True)

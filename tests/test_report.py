@@ -6,7 +6,6 @@ import pathlib
 import shutil
 import subprocess
 
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -14,7 +13,7 @@ from flax import nnx
 
 import compile as nnxc
 from nnx_models import MLP, ZOO
-from tests.conftest import skip_or_fail
+from tests.conftest import mse_train_step, skip_or_fail
 
 BATCH = 4
 SCREENSHOTS = pathlib.Path(__file__).parent.parent / "build" / "test-screenshots"
@@ -100,12 +99,6 @@ def test_manifest_text_is_escaped(tmp_path):
   assert html.escape(script) in page
 
 
-def _train_step(model, optimizer, x, y):
-  loss, grads = nnx.value_and_grad(lambda model: jnp.mean((model(x) - y) ** 2))(model)
-  optimizer.update(model, grads)
-  return loss
-
-
 def _objects():
   model = MLP(2, 16, 5, rngs=nnx.Rngs(0))
   return {"model": model, "optimizer": nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)}
@@ -115,13 +108,13 @@ def _objects():
 def test_parity_of_a_dict_of_objects_replays_function_exports(tmp_path):
   """The README's {"model", "optimizer"} layout: a train step (compile.function) and a method, replayed eagerly."""
   x, y = np.ones((4, 2), np.float32), np.zeros((4, 5), np.float32)
-  functions = {"train_step": nnxc.function(_train_step, x, y), "predict": nnxc.method("__call__", x, mode="eval")}
+  functions = {"train_step": nnxc.function(mse_train_step, x, y), "predict": nnxc.method("__call__", x, mode="eval")}
   program = nnxc.export(_objects(), functions).load()
   calls = [("train_step", (x, y)), ("train_step", (x, y)), ("predict", (x,))]
   with pytest.raises(ValueError, match=r"train_step, a compile\.function export: pass functions="):
     nnxc.write_report(program.artifact, tmp_path / "r.html", program=program, model=_objects(), calls=calls)
   page = nnxc.write_report(
     program.artifact, tmp_path / "r.html", program=program, model=_objects(), calls=calls,
-    functions={"train_step": _train_step},
+    functions={"train_step": mse_train_step},
   ).read_text()  # fmt: skip
   assert 'class="bad"' not in page and "call 1: train_step output 0" in page and "optimizer.step" in page
