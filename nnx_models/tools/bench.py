@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from compile import CompileCache, export, function, method
 from nnx_models import REALISTIC, ZOO
 
 from . import bench_c, bench_dynamic, bench_llm, bench_realistic
+from .timing import interleaved
 
 # Tiers beside the zoo and the realistic models: the C library (issue 15), dynamic against static
 # shapes (issue 17), the GPT-2-size language model (issue 18, minutes: only when asked for).
@@ -34,19 +34,6 @@ DEFAULT_TIERS = ("c", "dynamic")
 
 BATCHES = (1, 32, 256)
 TRAINED = ("mlp", "stacked_mlp", "linear_regression")  # zoo models with a benchmarked train step
-
-
-def interleaved(variants: dict[str, Callable[[], object]], *, rounds: int, calls: int) -> dict[str, float]:
-  """Median seconds per call of each variant, timed round-robin after one warm-up round."""
-  samples = {name: [] for name in variants}
-  for round_ in range(rounds + 1):
-    for name, call in variants.items():
-      start = time.perf_counter()
-      for _ in range(calls):
-        call()
-      if round_:  # round 0 warms up
-        samples[name].append((time.perf_counter() - start) / calls)
-  return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def _ready(tree):
@@ -204,7 +191,7 @@ def run(rounds: int, calls: int, models: list[str], realistic: list[str]) -> Rep
   report = Report()
   if realistic:
     report.matmul_gflops = bench_realistic.matmul_gflops()
-    report.realistic = bench_realistic.run(interleaved, rounds=rounds, calls=max(1, calls // 10), models=realistic)
+    report.realistic = bench_realistic.run(rounds=rounds, calls=max(1, calls // 10), models=realistic)
   with tempfile.TemporaryDirectory(prefix="nnx-metal-bench-") as tmp:
     cache = CompileCache(pathlib.Path(tmp) / "cache")
     for name in models:

@@ -40,7 +40,7 @@ from flax import nnx
 import compile as nnxc
 from nnx_models import GPT, GPTConfig, decode_loop, generate, generation_functions, pad_prompt, quantize
 
-from .bench import interleaved
+from .timing import interleaved
 
 NEW_TOKENS = 128
 PROMPT = 128

@@ -22,6 +22,8 @@ from flax import nnx
 from compile import call_with_objects, export, function
 from nnx_models import REALISTIC
 
+from .timing import interleaved
+
 # HLO instructions that launch no work of their own.
 _NOT_KERNELS = frozenset({"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "while"})
 
@@ -83,7 +85,7 @@ def matmul_gflops(size: int = 1024, repeats: int = 20) -> dict[str, float]:
   return results
 
 
-def run(interleaved: Callable[..., dict[str, float]], *, rounds: int, calls: int, models: list[str]) -> list[dict]:
+def run(*, rounds: int, calls: int, models: list[str]) -> list[dict]:
   """One row per model and function (see the module docstring)."""
   rows = []
   with jax.numpy_dtype_promotion("standard"):  # optax and Flax's layers are written for JAX's default promotion
