@@ -120,8 +120,11 @@ def test_buckets_pick_the_size_and_pad_only_where_asked():
     program.eval(_batch_of(entry.inputs("eval", 0), 9)[0])
 
 
-def test_a_metal_build_with_a_symbolic_batch_passes_the_race_check():
-  artifact = _artifact("transformer_block", "metal")
+@pytest.mark.parametrize("name", ["conv_strided", "lora", "transformer_block"])  # dynamic, dynamic, buckets
+def test_a_metal_build_with_a_symbolic_batch_passes_the_race_check(name):
+  artifact = _artifact(name, "metal")
+  dynamic = isinstance(next(iter(artifact.functions.values())).inputs[0].shape[0], nnxc.runtime.Dim)
+  assert dynamic == (not _buckets(name, "metal"))
   assert artifact.manifest.hazard_check == "passed" and artifact.spirv()
   assert not any(nnxc.find_races(spirv) for spirv in artifact.spirv().values())
 
