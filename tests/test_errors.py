@@ -25,8 +25,8 @@ def test_wrong_input_shape_names_the_argument(mlp_program):
 
 def test_wrong_input_dtype_names_the_argument(mlp_program):
   program, _ = mlp_program
-  with pytest.raises(nnxc.SignatureError, match=r"args\[0\].*got float64\[3, 2\]"):
-    program.eval(np.ones((3, 2)))  # numpy's default float64
+  with pytest.raises(nnxc.SignatureError, match=r"args\[0\].*expected float32\[3, 2\], got int32\[3, 2\]"):
+    program.eval(np.ones((3, 2), np.int32))  # float64 is taken as float32, as jax.jit does; integers are not
 
 
 def test_big_endian_input_of_the_right_type_is_accepted(mlp_program):
