@@ -29,6 +29,7 @@ from .runtime import StateMismatchError as StateMismatchError
 from .runtime import UnknownTargetError as UnknownTargetError
 from .runtime import UnsupportedOpError as UnsupportedOpError
 from .runtime import load_program as load_program
+from .runtime import register_output_type as register_output_type
 from .runtime import register_variable_type as register_variable_type
 from .spirv import Race as Race
 from .spirv import find_races as find_races

@@ -117,6 +117,10 @@ def load_factory(reference: str):
   module_name, _, attribute = reference.partition(":")
   if not _DOTTED_NAME.fullmatch(module_name) or not _DOTTED_NAME.fullmatch(attribute):
     raise UsageError(f"FACTORY {reference!r} is not module:factory, e.g. nnx_models:MLP")
+  if os.getcwd() not in sys.path and "" not in sys.path:
+    # As `python -m` and `python -c` do: the user's module next to them imports without PYTHONPATH=.
+    # (the console script's own folder, not the current one, is first on its path).
+    sys.path.insert(0, os.getcwd())
   try:
     module = importlib.import_module(module_name)
   except ModuleNotFoundError as e:

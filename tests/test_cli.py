@@ -26,6 +26,25 @@ def nnx_metal(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", "compile.cli", *args], capture_output=True, text=True, timeout=600)
 
 
+def test_the_console_script_imports_a_model_from_the_current_directory(tmp_path):
+  """`nnx-metal build mymodel:Model` where mymodel.py is in the current directory, with no PYTHONPATH."""
+  (tmp_path / "mymodel.py").write_text(
+    "from flax import nnx\n\n\ndef Model(rngs):\n  return nnx.Linear(2, 3, rngs=rngs)\n"
+  )
+  script = pathlib.Path(sys.executable).parent / "nnx-metal"
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  result = subprocess.run(
+    [str(script), "build", "mymodel:Model", "--input", "4x2xf32", "--target", "cpu", "--out", "out"],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_the_console_script_is_installed():
   (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "nnx-metal"]
   assert script.value == "compile.cli:main"
