@@ -62,11 +62,16 @@ def spirv_tool(name: str) -> str:
 
 
 def pytest_collection_modifyitems(items):
-  """Marks each test parametrized over a target with ``target_<name>``, e.g. ``-m target_vulkan``."""
+  """Marks each test parametrized over a target with ``target_<name>``, e.g. ``-m target_vulkan``.
+
+  Tests marked ``after_compiles`` run last: they rebuild what other tests compile (the whole zoo), and by
+  then the run's shared compile cache holds most of it.
+  """
   for item in items:
     target = getattr(item, "callspec", None) and item.callspec.params.get("target")
     if isinstance(target, str):
       item.add_marker(f"target_{target.replace('-', '_')}")
+  items.sort(key=lambda item: item.get_closest_marker("after_compiles") is not None)  # stable: order kept
 
 
 def _comparable(x):

@@ -213,7 +213,7 @@ def test_zoo_programs_match_the_python_program(c_build, zoo_artifacts, target, d
 
 
 @pytest.mark.parametrize(("target", "driver"), RUNS)
-def test_adamwmse_train_step_resident_in_c_merges_back_into_the_eager_model(
+def test_adamw_train_step_resident_in_c_merges_back_into_the_eager_model(
   c_build, adamw_artifacts, target, driver, tmp_path
 ):
   """C trains 10 steps and saves; Python opens the save and program.update(objects) equals 10 eager steps."""
@@ -239,7 +239,7 @@ def test_adamwmse_train_step_resident_in_c_merges_back_into_the_eager_model(
 
 @pytest.mark.parametrize("driver", ["local-sync", "local-task"])
 @pytest.mark.usefixtures("standard_dtype_promotion")
-def test_realistic_transformermse_train_step_matches_the_python_program(c_build, driver, tmp_path):
+def test_realistic_transformer_train_step_matches_the_python_program(c_build, driver, tmp_path):
   entry = REALISTIC["transformer_2x256"]
   calls = entry.calls()
   functions = {name: nnxc.function(fn, *args) for name, (fn, args) in calls.items()}
@@ -455,6 +455,7 @@ def test_version_skew_message_names_the_compiler_and_runtime_to_use(c_build, ada
   assert compiler.startswith(header.split('NNX_METAL_IREE_COMPILER_RELEASE "')[1].split('"')[0] + ".")
 
 
+@pytest.mark.after_compiles
 def test_every_model_of_nox_metal_built_for_cpu_loads_in_c(c_build, tmp_path):
   """`nox -s metal`'s build, for the cpu target instead: the C library opens every artifact and lists it as Python."""
   out = tmp_path / "cpu"
@@ -610,9 +611,7 @@ def test_deploy_writes_a_project_that_builds_and_runs_from_a_clean_directory(c_b
   assert result.returncode == 0, result.stderr[-3000:]
   header = (project / "mlp.h").read_text()
   assert "nnx_code_t mlp_predict(nnx_program_t *program, const float args_0[8][2], float outputs[8][5]" in header
-  train_step = (
-    "nnx_code_t mlpmse_train_step(nnx_program_t *program, const float args_0[8][2], const float args_1[8][5], "
-  )
+  train_step = "nnx_code_t mlp_train_step(nnx_program_t *program, const float args_0[8][2], const float args_1[8][5], "
   assert train_step in header
   build = deploy.build(project, tmp_path / "build", iree_source=c_build["source"], targets=("mlp_demo",))
   demo = subprocess.run([str(build / "mlp_demo"), str(project / "artifact")], capture_output=True, text=True)

@@ -1479,9 +1479,15 @@ def _make_fifo(path: pathlib.Path) -> None:
 
 
 def _make_socket(path: pathlib.Path) -> None:
-  sock = socket.socket(socket.AF_UNIX)
-  sock.bind(str(path))
-  sock.close()
+  # A socket's path holds at most 107 bytes, fewer than pytest's temporary paths under xdist: bind it relative
+  # to its folder.
+  sock, here = socket.socket(socket.AF_UNIX), os.getcwd()
+  try:
+    os.chdir(path.parent)
+    sock.bind(path.name)
+  finally:
+    os.chdir(here)
+    sock.close()
 
 
 def _vulkan_subject(request, tmp_path) -> Subject | None:
