@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .runtime import StateMismatchError, path_name
+from .runtime import PLAIN_ARRAY, StateMismatchError, path_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +42,6 @@ class Leaf:
 
 def _is_key(value: Any) -> bool:
   return jnp.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key)
-
-
-# The variable type recorded for a plain array in the State (an attribute marked ``nnx.data``).
-PLAIN_ARRAY = "Array"
 
 
 def value_of(leaf: Any) -> Any:

@@ -54,6 +54,7 @@ from ._targets import RUNTIME_TARGETS as RUNTIME_TARGETS
 from ._targets import STANDIN_SUBGROUP_SIZE as STANDIN_SUBGROUP_SIZE
 from ._targets import TARGET_NAMES as TARGET_NAMES
 from ._targets import RuntimeTarget as RuntimeTarget
+from ._variables import PLAIN_ARRAY as PLAIN_ARRAY
 from ._variables import class_path as class_path
 from ._variables import known_variable_class as known_variable_class
 from ._variables import register_variable_type as register_variable_type
