@@ -139,6 +139,8 @@ def leaf_array(value: Any, tensor: Tensor, what: str, sizes: dict[str, int]) -> 
   A symbolic dimension takes the size it has here (``sizes`` holds those bound so far).
   """
   want = _dtypes.dtype(tensor.dtype).numpy
+  if type(value) is np.ndarray and value.dtype == want and value.shape == tensor.shape:
+    return value  # the hot path: exactly what was exported (native byte order, static shape)
   if type(value) in _SCALAR_KINDS:
     if tensor.shape != () or (want.kind if want.kind in "biufc" else "f") not in _SCALAR_KINDS[type(value)]:
       raise SignatureError(f"{what} {tensor.name}: expected {tensor.dtype}{list(tensor.shape)}, got {value!r:.40}.")
