@@ -1,11 +1,18 @@
 """Assembling a program: one IREE module where the state lives in globals and each function updates them.
 
-Every state leaf becomes a mutable ``util.global`` initialized from the parameter
-archive (``#flow.parameter.named<"model"::"<name>">``), so the state is loaded once
-and stays on the device. Each exported function becomes a wrapper that loads the
-globals, calls the JAX-lowered body, stores the leaves that body changed, and
-returns only the body's outputs. ``nnx_get_state`` and ``nnx_set_state`` read and
-write every global, for moving state between the device and the host.
+Every state leaf becomes a ``util.global`` initialized from the parameter archive
+(``#flow.parameter.named<"model"::"<name>">``), so the state is loaded once and stays
+on the device. Each exported function becomes a wrapper that loads the globals, calls
+the JAX-lowered body, stores the leaves that body changed, and returns only the body's
+outputs. ``nnx_get_state`` reads every global, for moving state to the host;
+``nnx_set_state`` writes the written ones (below).
+
+A leaf that no function writes (the weights of an inference or generation program) is
+an immutable global: IREE then computes what depends only on it (a transposed
+embedding table, the re-packed tiles of every weight matrix) once, when the module
+loads, instead of in every call (GPT-2 small's decode step: 7x faster on cpu). A
+caller that replaces such a leaf loads the module again with the new values
+(``compile/runtime/_program.py``, ``nnx_metal.c``).
 """
 
 import re
@@ -118,15 +125,17 @@ def _string_attribute(text: str) -> str:
   return '"' + text.replace("\\", "\\5C").replace('"', "\\22") + '"'
 
 
-def _state_accessors(globals_: list[str], state_types: tuple[str, ...], interface: str) -> list[str]:
-  """``nnx_get_state(%flag)`` returns every global; ``nnx_set_state(%flag, *values)`` replaces them all."""
+def _state_accessors(
+  globals_: list[str], state_types: tuple[str, ...], written: list[int], interface: str
+) -> list[str]:
+  """``nnx_get_state(%flag)`` returns every global; ``nnx_set_state(%flag, *values)`` replaces the ``written`` ones."""
   getter = _Function(globals_, state_types)
   true = getter.flag_is_set()
   values = [getter.load(i, fresh_if=true) for i in range(len(globals_))]
   setter = _Function(globals_, state_types)
   true = setter.flag_is_set()
-  args = [f"%arg{i}" for i in range(len(globals_))]
-  for i, arg in enumerate(args):
+  args = [f"%arg{i}" for i in range(len(written))]
+  for i, arg in zip(written, args, strict=True):
     setter.store(arg, i, fresh_if=true)
   # The order of the globals and the interface, readable from the module itself: artifacts check
   # their manifest against them (see compile/runtime/_artifact.py).
@@ -134,7 +143,7 @@ def _state_accessors(globals_: list[str], state_types: tuple[str, ...], interfac
   order = f" attributes {{iree.reflection = {{{reflection}}}}}"
   return [
     getter.text(GET_STATE, ["%flag"], ["tensor<i32>"], values, list(state_types), order),
-    setter.text(SET_STATE, ["%flag", *args], ["tensor<i32>", *state_types], [], []),
+    setter.text(SET_STATE, ["%flag", *args], ["tensor<i32>", *(state_types[i] for i in written)], [], []),
   ]
 
 
@@ -145,12 +154,14 @@ def assemble(module_name: str, functions: dict[str, Lowered], globals_: list[str
   ``interface`` (``runtime._manifest.interface``) is recorded in the module.
   """
   first = next(iter(functions.values()))
+  written = sorted({index for lowered in functions.values() for index in lowered.updates})
   lines = [f"module @{module_name} {{"]
-  for name, state_type in zip(globals_, first.state_types, strict=True):
+  for index, (name, state_type) in enumerate(zip(globals_, first.state_types, strict=True)):
     parameter = f'#flow.parameter.named<"{PARAMETER_SCOPE}"::"{name}">'
-    lines.append(f'  util.global private mutable @"{name}" = {parameter} : {_signless(state_type)}')
+    mutable = " mutable" if index in written else ""
+    lines.append(f'  util.global private{mutable} @"{name}" = {parameter} : {_signless(state_type)}')
   lines += [_call(name, lowered, globals_) for name, lowered in functions.items()]
-  lines += _state_accessors(globals_, first.state_types, interface)
+  lines += _state_accessors(globals_, first.state_types, written, interface)
   lines += [lowered.functions for lowered in functions.values()]
   lines.append("}")
   return "\n".join(lines) + "\n"

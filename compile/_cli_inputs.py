@@ -235,6 +235,11 @@ def _example(tensor: Any) -> str:
   return "x".join([*map(str, tensor.shape), suffix]) if suffix else "@x.npy"
 
 
+def _fits(shape: tuple[int, ...], exported: tuple) -> bool:
+  """``shape`` has the exported rank and sizes; a symbolic dimension's bounds are the Program's to check."""
+  return len(shape) == len(exported) and all(type(d) is not int or d == n for n, d in zip(shape, exported, strict=True))
+
+
 def check_inputs(function: Any, values: list[InputValue]) -> None:
   """Checks the ``--input`` values against ``function``'s signature (a manifest Function) before any is allocated.
 
@@ -249,7 +254,7 @@ def check_inputs(function: Any, values: list[InputValue]) -> None:
       f"Pass one --input per input, in order, e.g. {example}."
     )
   for value, tensor in zip(values, expected, strict=True):
-    if value.shape != tuple(tensor.shape) or value.dtype != tensor.dtype:
+    if not _fits(value.shape, tensor.shape) or value.dtype != tensor.dtype:
       raise SignatureError(
         f"{function.name} input {tensor.name}: expected {tensor.dtype}{list(tensor.shape)}, got {value.describe()} "
         f"from --input {value.spec!r}. The exported signature is {function.signature()}; pass matching inputs, "

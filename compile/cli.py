@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ._cli_inputs import UsageError, check_inputs, first_line, parse_input, parse_shape
-from .runtime import TARGET_NAMES, Artifact, NnxMetalError
+from .runtime import TARGET_NAMES, Artifact, NnxMetalError, SignatureError, bucket_groups
 from .spirv import find_races
 
 # Manifest fields the module does not record, so only a pinned digest vouches for them.
@@ -345,15 +345,35 @@ def _leaves(tree: Any) -> list[Any]:
   return [] if tree is None else [tree]
 
 
+def _function_for(artifact: Artifact, label: str, name: str, values: list) -> Any:
+  """The function ``run`` calls, its inputs checked: ``name``, or for a bucketed name the bucket of the inputs' size."""
+  function = artifact.functions.get(name)
+  if function is not None:
+    check_inputs(function, values)
+    return function
+  groups = bucket_groups(artifact.functions)
+  if name not in groups:
+    names = [*artifact.functions, *groups]
+    raise UsageError(f"--function: {label} has no function {name!r}; it has {', '.join(names)}")
+  pad, members = groups[name]
+  problems = []
+  for size in sorted(members):
+    try:
+      check_inputs(artifact.functions[members[size]], values)
+      return artifact.functions[members[size]]
+    except SignatureError as e:
+      problems.append(e)
+  if pad:  # a size between buckets runs padded in the next one; the Program says if none holds it
+    return artifact.functions[members[max(members)]]
+  raise SignatureError(f"{name} was exported at the sizes {sorted(members)}; none fits these inputs: {problems[-1]}")
+
+
 def run(options: argparse.Namespace) -> int:
   values = [parse_input(spec) for spec in options.input]  # reads .npy headers only
   artifact = open_artifact(options.artifact)
-  function = artifact.functions.get(options.function)
-  if function is None:
-    raise UsageError(
-      f"--function: {options.artifact} has no function {options.function!r}; it has {', '.join(artifact.functions)}"
-    )
-  check_inputs(function, values)  # before allocating anything
+  function = _function_for(
+    artifact, options.artifact, options.function, values
+  )  # inputs checked before allocating anything
   if options.output is not None:
     text = os.fspath(options.output)
     output = pathlib.Path(text if text.endswith(".npy") else f"{text}.npy")  # as np.save names it
@@ -364,7 +384,7 @@ def run(options: argparse.Namespace) -> int:
     if not function.outputs:
       raise UsageError(f"--output: {function.name} returns no arrays, so there is nothing to save")
   program = artifact.load(device=options.device)
-  outputs = program.functions[options.function](*[value.array() for value in values])
+  outputs = getattr(program, options.function)(*[value.array() for value in values])
   leaves = _leaves(outputs)
   for index, leaf in enumerate(leaves):
     array = np.asarray(leaf)

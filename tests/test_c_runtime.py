@@ -288,6 +288,34 @@ def test_state_is_read_and_written_by_name(c_build, adamw_artifacts, tmp_path):
   assert wrong_size.returncode == 10 + 8 and "got 12 bytes" in wrong_size.stderr
 
 
+def test_a_constant_written_by_name_reloads_with_the_written_state_kept(c_build, zoo_artifacts, tmp_path):
+  """StatefulLinear's w is written by no function (constant on the device); its count by every call.
+
+  Writing w loads the module again: the next call uses the new w, and the count keeps its device value.
+  """
+  directory = zoo_artifacts("cpu")["stateful_linear"]
+  program = nnxc.load_program(directory, device="local-sync")
+  assert [v.name for v in program.artifact.manifest.written()] == ["count"]
+  x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+  new = (program.arrays()["w"] * -3 + 1).astype(np.float32)
+  x.tofile(tmp_path / "x0.bin")
+  new.tofile(tmp_path / "w.bin")
+  same = program.arrays()["b"]
+  same.tofile(tmp_path / "b.bin")
+  commands = ["call", "train", tmp_path / "x", tmp_path / "before", "set", "w", tmp_path / "w.bin"]
+  commands += ["set", "b", tmp_path / "b.bin", "call", "train", tmp_path / "x", tmp_path / "after"]
+  run_c(c_build, directory, "--driver", "local-sync", *commands, "save", tmp_path / "saved")
+  before = program.train(x)
+  program.set_arrays({"w": new, "b": same})
+  after = program.train(x)
+  np.testing.assert_array_equal(np.fromfile(tmp_path / "before0.bin", np.float32).reshape(8, 5), before)
+  np.testing.assert_array_equal(np.fromfile(tmp_path / "after0.bin", np.float32).reshape(8, 5), after)
+  assert not np.array_equal(before, after)
+  saved = nnxc.load_program(tmp_path / "saved").arrays()
+  np.testing.assert_array_equal(saved["w"], new)
+  assert int(saved["count"]) == int(program.arrays()["count"]) == 2
+
+
 def test_calls_from_many_threads_are_serialized(c_build, zoo_artifacts, tmp_path):
   """The Counter model adds one per call: 4 threads x 50 calls leave exactly 200, as one thread would."""
   directory = zoo_artifacts("cpu")["counter"]

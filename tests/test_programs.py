@@ -224,6 +224,26 @@ def test_lora_adapters_swap_without_recompiling(target):
   assert_trees_allclose(program.state(nnx.Not(LoraParam)), base, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_weights_no_function_writes_are_constants_that_a_push_reloads(target):
+  """StatefulLinear's __call__ writes only its count: w and b are immutable globals on the device.
+
+  Pushing a new w loads the module again; the count keeps the value the device calls gave it.
+  """
+  require_device(target)
+  model, other = ZOO["stateful_linear"].make(0), ZOO["stateful_linear"].make(1)
+  x = ZOO["stateful_linear"].example_args(BATCH, 0)[0]
+  program = nnxc.export(model, {"train": nnxc.method("__call__", x, mode="train")}, target=target).load()
+  assert [v.name for v in program.artifact.manifest.written()] == ["count"]
+  for _ in range(2):
+    assert_trees_allclose(program.train(x), model(x), **TOLERANCES[target])
+  program.load_state(other, nnx.Param)
+  nnx.update(model, nnx.state(other, nnx.Param))
+  assert_trees_allclose(program.train(x), model(x), **TOLERANCES[target])
+  assert_trees_allclose(program.state(), nnx.state(model), **TOLERANCES[target])
+  assert int(program.arrays(["count"])["count"]) == 3
+
+
 def test_state_filter_and_update_merge_into_the_eager_model():
   program = _forward_program("mlp", "cpu")
   x = ZOO["mlp"].example_args(BATCH, 0)[0]

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import compile as nnxc
-from compile import call_with_objects
+from compile import call_with_objects, cli
 from compile.runtime import path_name
 from nnx_models import CATALOG
 from tests.conftest import assert_trees_allclose, require_device
@@ -128,6 +128,35 @@ def test_buckets_pick_the_size_and_pad_only_where_asked():
     program.train(_batch_of(entry.inputs("train", 0), 3)[0])
   with pytest.raises(nnxc.SignatureError, match=r"eval was exported for any size up to 8; this call has size 9"):
     program.eval(_batch_of(entry.inputs("eval", 0), 9)[0])
+
+
+def test_the_cli_and_functional_take_bucketed_and_symbolic_functions(tmp_path):
+  """`nnx-metal run --function eval` and `program.functional("eval")` on buckets (layer_norm) and a symbolic batch."""
+  bucketed = {
+    "eval": nnxc.function(
+      CATALOG["layer_norm"].calls["eval"],
+      *_symbolic(CATALOG["layer_norm"].inputs("eval", 0)),
+      buckets=(1, 4, 8),
+      pad=True,
+    )
+  }
+  nnxc.export(CATALOG["layer_norm"].objects(), bucketed).save(tmp_path / "layer_norm")
+  _artifact("lora", "cpu").save(tmp_path / "lora")
+  for name in ("layer_norm", "lora"):
+    entry, directory = CATALOG[name], tmp_path / name
+    (x,) = _batch_of(entry.inputs("eval", 0), 3)  # layer_norm: padded into the bucket of 4
+    np.save(tmp_path / "x.npy", x)
+    argv = ["run", str(directory), "--function", "eval", "--input", f"@{tmp_path / 'x.npy'}"]
+    assert cli.main([*argv, "--output", str(tmp_path / "y.npy")]) == 0
+    program = nnxc.load_program(directory)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), program.eval(x))
+    outputs, state = program.functional("eval")(nnx.state(entry.objects()), x)
+    eager = entry.objects()
+    assert_trees_allclose(outputs, np.asarray(entry.calls["eval"](eager, jnp.asarray(x))), rtol=2e-5, atol=2e-5)
+    assert_trees_allclose(state, nnx.state(eager), rtol=2e-5, atol=2e-5)
+    (wrong,) = _batch_of(entry.inputs("eval", 0), MAX_BATCH + 1)
+    np.save(tmp_path / "x.npy", wrong)
+    assert cli.main(argv) == 2
 
 
 @pytest.mark.parametrize("name", ["conv_strided", "lora", "transformer_block"])  # dynamic, dynamic, buckets

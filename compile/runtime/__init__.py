@@ -10,6 +10,7 @@ from ._artifact import Artifact as Artifact
 from ._artifact import load_program as load_program
 from ._artifact import package_version as package_version
 from ._artifact import sha256 as sha256
+from ._buckets import bucket_groups as bucket_groups
 from ._buckets import bucket_name as bucket_name
 from ._device import DeviceModule as DeviceModule
 from ._device import open_device as open_device

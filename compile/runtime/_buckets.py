@@ -11,7 +11,7 @@ which is why it is asked for, never assumed.
 """
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,17 +32,26 @@ def bucket_name(base: str, size: int, pad: bool) -> str:
   return f"{base}__{'pad' if pad else 'b'}{size}"
 
 
-def groups(functions: dict[str, "ProgramFunction"]) -> dict[str, "Bucketed"]:
-  """``{base name: Bucketed}`` of the functions named as buckets, two or more of one name and kind."""
-  found: dict[tuple[str, bool], list] = {}
-  for name, function in functions.items():
+def bucket_groups(names: Iterable[str]) -> dict[str, tuple[bool, dict[int, str]]]:
+  """``{base name: (pad, {size: function name})}`` of the functions named as buckets, two or more of one kind.
+
+  ``program.<base>(x)`` calls the one of x's size (``Program.functional`` and ``nnx-metal run`` take
+  the base name too).
+  """
+  names = list(names)
+  found: dict[tuple[str, bool], dict[int, str]] = {}
+  for name in names:
     match = _NAME.fullmatch(name)
     if match is not None:
-      found.setdefault((match["base"], match["kind"] == "pad"), []).append((int(match["size"]), function))
+      found.setdefault((match["base"], match["kind"] == "pad"), {})[int(match["size"])] = name
+  return {base: (pad, members) for (base, pad), members in found.items() if len(members) > 1 and base not in names}
+
+
+def groups(functions: dict[str, "ProgramFunction"]) -> dict[str, "Bucketed"]:
+  """``{base name: Bucketed}`` of :func:`bucket_groups`."""
   return {
-    base: Bucketed(base, members, pad)
-    for (base, pad), members in found.items()
-    if len(members) > 1 and base not in functions
+    base: Bucketed(base, [(size, functions[name]) for size, name in members.items()], pad)
+    for base, (pad, members) in bucket_groups(functions).items()
   }
 
 

@@ -13,7 +13,8 @@ Layout::
 import re
 
 FORMAT = "nnx-metal-artifact"
-FORMAT_VERSION = 4  # 3: no compile_seconds; global names taken get $2, $3, ...; 4: output pytree kinds
+FORMAT_VERSION = 5  # 3: no compile_seconds; global names taken get $2, $3, ...; 4: output pytree kinds;
+# 5: state no function writes is constant on the device, nnx_set_state takes only the written variables
 MANIFEST = "manifest.json"
 MODULE = "module.vmfb"
 PARAMS = "params.irpa"

@@ -87,6 +87,15 @@ class Manifest:
   def variable(self, name: str) -> Variable | None:
     return next((v for v in self.state if v.name == name), None)
 
+  def written(self) -> tuple[Variable, ...]:
+    """The state variables some function writes, in state order: ``nnx_set_state`` takes these.
+
+    The others are constant on the device (immutable globals, see compile/_assemble.py):
+    replacing one loads the module again.
+    """
+    names = {name for function in self.functions.values() for name in function.updates}
+    return tuple(v for v in self.state if v.name in names)
+
   def interface(self) -> str:
     """See :func:`interface`."""
     return interface(self.state, self.functions)

@@ -61,7 +61,7 @@ def _check(vmfb: bytes, manifest: Manifest) -> None:
     _check_declaration(module, function.name, inputs, outputs)
   state = [tensor_type(v) for v in manifest.state]
   _check_declaration(module, GET_STATE, ["tensor<i32>"], state)
-  _check_declaration(module, SET_STATE, ["tensor<i32>", *state], [])
+  _check_declaration(module, SET_STATE, ["tensor<i32>", *(tensor_type(v) for v in manifest.written())], [])
   reflection = module.lookup_function(GET_STATE).reflection
   if reflection.get(STATE_ORDER) != ",".join(v.global_name for v in manifest.state):
     raise ArtifactError(

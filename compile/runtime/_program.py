@@ -149,6 +149,7 @@ class Program:
     self.functions = {name: ProgramFunction(self, spec) for name, spec in artifact.functions.items()}
     self._groups = _buckets.groups(self.functions)  # functions exported with buckets=, by name
     self._variables = {v.name: v for v in artifact.state}
+    self._written = {v.name for v in artifact.manifest.written()}  # the rest is constant on the device
     self._get_state = self._module.function(GET_STATE)
     self._set_state = self._module.function(SET_STATE)
 
@@ -206,8 +207,36 @@ class Program:
         raise StateMismatchError(f"{e} Push state of the model that was exported, or export again.") from None
     with self._lock:
       views = self._module.invoke(self._get_state, [_FLAG])
-      values = [replacements.get(v.name, view) for v, view in zip(self.artifact.state, views, strict=True)]
-      self._module.invoke(self._set_state, [_FLAG, *values])
+      current = dict(zip((v.name for v in self.artifact.state), views, strict=True))
+      if any(self._changes_constant(name, value, current[name]) for name, value in replacements.items()):
+        self._reload({**current, **replacements})
+        return
+      written = [replacements.get(v.name, current[v.name]) for v in self.artifact.state if v.name in self._written]
+      self._module.invoke(self._set_state, [_FLAG, *written])
+
+  def _changes_constant(self, name: str, value: np.ndarray, view) -> bool:
+    if name in self._written:
+      return False
+    variable = self._variables[name]
+    return value.tobytes() != self._module.to_host(view, variable.shape, variable.device_dtype).tobytes()
+
+  def _reload(self, values: dict[str, Any]) -> None:
+    """Loads the module again, its globals initialized from ``values`` (device buffers or arrays, by name).
+
+    A variable no function writes is an immutable global (compile/_assemble.py): it cannot
+    be stored, so replacing it means loading the module again, where IREE also re-derives
+    what it computed from it at load. Nothing changes if loading fails.
+    """
+    params = {}
+    for v in self.artifact.state:
+      value = values[v.name]
+      host = value if isinstance(value, np.ndarray) else self._module.to_host(value, v.shape, v.device_dtype)
+      params[v.global_name] = host.astype(_dtypes.dtype(v.dtype).numpy, copy=False)  # as save() writes them
+    module = DeviceModule(self.artifact.vmfb, self._module.device, parameters={PARAMETER_SCOPE: params_index(params)})
+    self._module = module
+    self._get_state, self._set_state = module.function(GET_STATE), module.function(SET_STATE)
+    for function in self.functions.values():
+      function._function = module.function(function.name)
 
   def _variable(self, name: str) -> Variable:
     variable = self._variables.get(name) if isinstance(name, str) else None
@@ -291,9 +320,10 @@ class Program:
     Handy for stepping through the compiled program from eager code; a plain
     ``program.<name>(...)`` keeps the state on the device instead.
     """
-    function = self.functions.get(name) if isinstance(name, str) else None
+    function = (self.functions.get(name) or self._groups.get(name)) if isinstance(name, str) else None
     if function is None:
-      raise SignatureError(f"This program has no function {name!r}; it has {', '.join(self.functions) or 'none'}.")
+      names = [*self.functions, *self._groups]
+      raise SignatureError(f"This program has no function {name!r}; it has {', '.join(names) or 'none'}.")
 
     def call(state: Any, *args: Any) -> tuple[Any, Any]:
       with self._lock:

@@ -274,6 +274,8 @@ struct nnx_program {
   nnx_tensor_t *state_views;
   size_t state_count;
   char **state_globals;
+  uint8_t *written;  // per state variable: some function writes it (a mutable global); else constant on the device
+  size_t written_count;
   iree_runtime_instance_t *instance;
   iree_hal_device_t *device;
   iree_runtime_session_t *session;
@@ -330,6 +332,7 @@ void nnx_program_close(nnx_program_t *p) {
   free_tensors(p->state, p->state_count);
   free(p->state_views);
   free(p->state_globals);
+  free(p->written);
   iree_hal_buffer_view_release(p->flag);
   iree_runtime_session_release(p->session);
   iree_vm_module_release(p->module);
@@ -637,6 +640,21 @@ static nnx_code_t learn_interface(nnx_program_t *p, nnx_json_t *iface, nnx_error
     entry->function.inputs = entry->input_views, entry->function.outputs = entry->output_views;
     code = lookup_export(p, name, &entry->vm_function, error);
     if (code) return code;
+  }
+  // Which variables some function writes: nnx_set_state takes those; the others are immutable globals.
+  p->written = calloc(p->state_count + 1, 1);
+  if (!p->written) return fail(error, NNX_ERROR_MEMORY, "out of memory");
+  for (size_t f = 0; f < p->function_count; ++f) {
+    uint32_t updates = nnx_json_get(iface, nnx_json_get(iface, functions, p->functions[f].function.name), "updates");
+    if (updates == NNX_JSON_NONE || iface->values[updates].kind != NNX_JSON_ARRAY) return interface_error(error, p, "updates that are not a list");
+    for (uint32_t u = iface->values[updates].first; u != NNX_JSON_NONE; u = iface->values[u].next) {
+      size_t length;
+      const char *name = nnx_json_string(iface, u, &length);
+      ptrdiff_t index = name && strlen(name) == length ? state_index(p, name) : -1;
+      if (index < 0) return interface_error(error, p, "a function updates a variable the state does not list");
+      p->written_count += !p->written[index];
+      p->written[index] = 1;
+    }
   }
   // The module exports nothing else.
   iree_vm_module_signature_t signature = iree_vm_module_signature(p->module);
@@ -1026,7 +1044,7 @@ nnx_code_t nnx_program_call(nnx_program_t *p, const nnx_function_t *function, co
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// State: nnx_get_state(1) returns every global; nnx_set_state(1, *values) replaces them all.
+// State: nnx_get_state(1) returns every global; nnx_set_state(1, *values) replaces those some function writes.
 
 static nnx_code_t call_state_function(nnx_program_t *p, iree_vm_function_t *function, iree_vm_list_t *inputs,
                                       iree_vm_list_t **outputs, nnx_error_t *error) {
@@ -1086,25 +1104,112 @@ nnx_code_t nnx_program_read_state(nnx_program_t *p, const char *name, void *data
   return code;
 }
 
-nnx_code_t nnx_program_write_state(nnx_program_t *p, const char *name, const void *data, size_t byte_length,
-                                   nnx_error_t *error) {
-  ptrdiff_t i = -1;
-  nnx_code_t code = check_state_access(p, name, data, byte_length, &i, error);
-  if (code) return code;
-  pthread_mutex_lock(&p->lock);
+// Every state variable's value in one host buffer, each in its own dtype at offsets[i] (64-byte aligned):
+// *values (free it), offsets (state_count entries), *total bytes.
+static nnx_code_t host_state(nnx_program_t *p, uint8_t **values, size_t *offsets, size_t *total, nnx_error_t *error) {
+  *values = NULL, *total = 0;
+  for (size_t i = 0; i < p->state_count; ++i) offsets[i] = *total, *total += (p->state_views[i].byte_length + 63) & ~(size_t)63;
+  iree_vm_list_t *views = NULL;
+  nnx_code_t code = posix_memalign((void **)values, 64, *total ? *total : 1) ? fail(error, NNX_ERROR_MEMORY, "out of memory")
+                                                                             : device_state(p, &views, error);
+  for (size_t i = 0; i < p->state_count && !code; ++i) {
+    code = to_host(p, iree_vm_list_get_buffer_view_assign(views, i), &p->state[i], *values + offsets[i], error);
+  }
+  iree_vm_list_release(views);
+  if (code) free(*values), *values = NULL;
+  return code;
+}
+
+// An index of every state variable at offsets[i] of `handle`, under its global's name.
+static iree_status_t state_index_of(nnx_program_t *p, iree_io_file_handle_t *handle, const size_t *offsets,
+                                    iree_io_parameter_index_t **out) {
+  iree_status_t status = iree_io_parameter_index_create(iree_allocator_system(), out);
+  for (size_t i = 0; i < p->state_count && iree_status_is_ok(status); ++i) {
+    iree_io_parameter_index_entry_t entry = {0};
+    entry.key = iree_make_cstring_view(p->state_globals[i]);
+    entry.length = p->state_views[i].byte_length;
+    entry.type = IREE_IO_PARAMETER_INDEX_ENTRY_STORAGE_TYPE_FILE;
+    entry.storage.file.handle = handle;
+    entry.storage.file.offset = offsets[i];
+    status = iree_io_parameter_index_add(*out, &entry);
+  }
+  return status;
+}
+
+static void free_values(void *user_data, iree_io_file_handle_primitive_t primitive) {
+  (void)primitive;
+  free(user_data);
+}
+
+static void release_calls(nnx_program_t *p) {
+  for (size_t i = 0; i < p->function_count; ++i) {
+    if (p->functions[i].call_ready) iree_runtime_call_deinitialize(&p->functions[i].call);
+    p->functions[i].call_ready = 0;
+  }
+}
+
+// Loads the module again, its globals initialized from `values` (every variable at offsets[i], as host_state
+// gives them; takes ownership). A variable no function writes is an immutable global, which nnx_set_state
+// cannot store: IREE computed what depends on it (transposed or re-packed weights) once, at load, so a new
+// value means a new load. All or nothing: if the new session fails, the old one stays.
+static nnx_code_t reload(nnx_program_t *p, uint8_t *values, const size_t *offsets, size_t total, nnx_error_t *error) {
+  iree_io_file_handle_t *handle = NULL;
+  iree_io_parameter_index_t *index = NULL;
+  iree_io_file_handle_release_callback_t release = {free_values, values};
+  iree_status_t status = iree_io_file_handle_wrap_host_allocation(
+      IREE_IO_FILE_ACCESS_READ, iree_make_byte_span(values, total), release, iree_allocator_system(), &handle);
+  if (!iree_status_is_ok(status)) free(values);
+  if (iree_status_is_ok(status)) status = state_index_of(p, handle, offsets, &index);
+  if (!iree_status_is_ok(status)) {
+    iree_io_parameter_index_release(index);
+    iree_io_file_handle_release(handle);
+    return fail_status(error, NNX_ERROR_MEMORY, status, "Cannot hold the new state");
+  }
+  iree_runtime_session_t *old_session = p->session;
+  iree_hal_buffer_view_t *old_flag = p->flag;
+  iree_io_parameter_index_t *old_index = p->parameter_index;
+  iree_io_file_handle_t *old_handle = p->params_handle;
+  release_calls(p);
+  p->session = NULL, p->flag = NULL, p->parameter_index = index, p->params_handle = handle;
+  nnx_code_t code = create_session(p, error);
+  if (code) {  // back to the old session
+    release_calls(p);
+    iree_hal_buffer_view_release(p->flag);
+    iree_runtime_session_release(p->session);
+    p->session = old_session, p->flag = old_flag, p->parameter_index = old_index, p->params_handle = old_handle;
+    for (size_t i = 0; i < p->function_count; ++i) {
+      iree_status_ignore(iree_runtime_call_initialize(p->session, p->functions[i].vm_function, &p->functions[i].call));
+      p->functions[i].call_ready = 1;
+    }
+    old_index = index, old_handle = handle, old_session = NULL, old_flag = NULL;
+  }
+  iree_hal_buffer_view_release(old_flag);
+  iree_runtime_session_release(old_session);
+  iree_io_parameter_index_release(old_index);
+  iree_io_file_handle_release(old_handle);
+  if (!code) {  // nothing refers to the archive read at open any more
+    free(p->params_bytes.data);
+    p->params_bytes.data = NULL, p->params_bytes.size = 0;
+  }
+  return code;
+}
+
+// A variable some function writes: nnx_set_state(1, *written values), the replacement at `index`.
+static nnx_code_t set_written(nnx_program_t *p, ptrdiff_t index, const void *data, nnx_error_t *error) {
   iree_vm_list_t *views = NULL, *inputs = NULL, *none = NULL;
   iree_hal_buffer_view_t *replacement = NULL;
-  code = device_state(p, &views, error);
-  if (!code) code = to_device(p, &p->state[i], data, &replacement, error);
+  nnx_code_t code = device_state(p, &views, error);
+  if (!code) code = to_device(p, &p->state[index], data, &replacement, error);
   if (!code) {
     iree_status_t status =
-        iree_vm_list_create(iree_vm_make_undefined_type_def(), p->state_count + 1, iree_allocator_system(), &inputs);
+        iree_vm_list_create(iree_vm_make_undefined_type_def(), p->written_count + 1, iree_allocator_system(), &inputs);
     if (iree_status_is_ok(status)) {
       iree_vm_ref_t flag = iree_hal_buffer_view_retain_ref(p->flag);
       status = iree_vm_list_push_ref_move(inputs, &flag);
     }
     for (size_t j = 0; j < p->state_count && iree_status_is_ok(status); ++j) {
-      iree_hal_buffer_view_t *value = (ptrdiff_t)j == i ? replacement : iree_vm_list_get_buffer_view_assign(views, j);
+      if (!p->written[j]) continue;
+      iree_hal_buffer_view_t *value = (ptrdiff_t)j == index ? replacement : iree_vm_list_get_buffer_view_assign(views, j);
       iree_vm_ref_t ref = iree_hal_buffer_view_retain_ref(value);
       status = iree_vm_list_push_ref_move(inputs, &ref);
     }
@@ -1115,6 +1220,35 @@ nnx_code_t nnx_program_write_state(nnx_program_t *p, const char *name, const voi
   iree_vm_list_release(inputs);
   iree_hal_buffer_view_release(replacement);
   iree_vm_list_release(views);
+  return code;
+}
+
+// A variable no function writes: the module loaded again with the new value (nothing to do if it is the same).
+static nnx_code_t set_constant(nnx_program_t *p, ptrdiff_t index, const void *data, nnx_error_t *error) {
+  size_t *offsets = calloc(p->state_count + 1, sizeof(size_t)), total = 0;
+  uint8_t *values = NULL;
+  if (!offsets) return fail(error, NNX_ERROR_MEMORY, "out of memory");
+  nnx_code_t code = host_state(p, &values, offsets, &total, error);
+  if (!code) {
+    size_t length = p->state_views[index].byte_length;
+    if (memcmp(values + offsets[index], data, length) == 0) {
+      free(values);
+    } else {
+      memcpy(values + offsets[index], data, length);
+      code = reload(p, values, offsets, total, error);
+    }
+  }
+  free(offsets);
+  return code;
+}
+
+nnx_code_t nnx_program_write_state(nnx_program_t *p, const char *name, const void *data, size_t byte_length,
+                                   nnx_error_t *error) {
+  ptrdiff_t i = -1;
+  nnx_code_t code = check_state_access(p, name, data, byte_length, &i, error);
+  if (code) return code;
+  pthread_mutex_lock(&p->lock);
+  code = p->written[i] ? set_written(p, i, data, error) : set_constant(p, i, data, error);
   pthread_mutex_unlock(&p->lock);
   return code;
 }
@@ -1224,35 +1358,19 @@ static iree_status_t open_archive(void *user_data, iree_io_physical_offset_t off
 
 // The device state as a parameter archive in memory (each variable in its own dtype, as Python saves it).
 static nnx_code_t build_archive(nnx_program_t *p, archive_memory_t *archive, nnx_error_t *error) {
-  size_t total = 0;
-  size_t *offsets = calloc(p->state_count + 1, sizeof(size_t));
+  size_t *offsets = calloc(p->state_count + 1, sizeof(size_t)), total = 0;
   if (!offsets) return fail(error, NNX_ERROR_MEMORY, "out of memory");
-  for (size_t i = 0; i < p->state_count; ++i) offsets[i] = total, total += (p->state_views[i].byte_length + 63) & ~(size_t)63;
   uint8_t *values = NULL;
-  iree_vm_list_t *views = NULL;
   iree_io_file_handle_t *handle = NULL;
   iree_io_parameter_index_t *source = NULL, *target = NULL;
-  nnx_code_t code = posix_memalign((void **)&values, 64, total ? total : 1) ? fail(error, NNX_ERROR_MEMORY, "out of memory")
-                                                                            : device_state(p, &views, error);
-  for (size_t i = 0; i < p->state_count && !code; ++i) {
-    code = to_host(p, iree_vm_list_get_buffer_view_assign(views, i), &p->state[i], values + offsets[i], error);
-  }
+  nnx_code_t code = host_state(p, &values, offsets, &total, error);
   iree_allocator_t host = iree_allocator_system();
   iree_status_t status = iree_ok_status();
   if (!code) {
     status = iree_io_file_handle_wrap_host_allocation(IREE_IO_FILE_ACCESS_READ, iree_make_byte_span(values, total),
                                                       iree_io_file_handle_release_callback_null(), host, &handle);
-    if (iree_status_is_ok(status)) status = iree_io_parameter_index_create(host, &source);
+    if (iree_status_is_ok(status)) status = state_index_of(p, handle, offsets, &source);
     if (iree_status_is_ok(status)) status = iree_io_parameter_index_create(host, &target);
-    for (size_t i = 0; i < p->state_count && iree_status_is_ok(status); ++i) {
-      iree_io_parameter_index_entry_t entry = {0};
-      entry.key = iree_make_cstring_view(p->state_globals[i]);
-      entry.length = p->state_views[i].byte_length;
-      entry.type = IREE_IO_PARAMETER_INDEX_ENTRY_STORAGE_TYPE_FILE;
-      entry.storage.file.handle = handle;
-      entry.storage.file.offset = offsets[i];
-      status = iree_io_parameter_index_add(source, &entry);
-    }
     iree_io_parameter_archive_file_open_callback_t open = {open_archive, archive};
     if (iree_status_is_ok(status)) status = iree_io_build_parameter_archive(source, target, open, 0, host);
     if (!iree_status_is_ok(status)) code = fail_status(error, NNX_ERROR_MEMORY, status, "Cannot build " PARAMS);
@@ -1260,7 +1378,6 @@ static nnx_code_t build_archive(nnx_program_t *p, archive_memory_t *archive, nnx
   iree_io_parameter_index_release(target);
   iree_io_parameter_index_release(source);
   iree_io_file_handle_release(handle);
-  iree_vm_list_release(views);
   free(values);
   free(offsets);
   return code;

@@ -28,7 +28,7 @@ extern "C" {
 #define NNX_METAL_IREE_RUNTIME_COMMIT "b48a5955575cf8924ffc191f3b0804976e5738b9"
 #define NNX_METAL_IREE_COMPILER_RELEASE "3.13"
 // The manifest format this library reads (compile/runtime/_file_names.py FORMAT_VERSION).
-#define NNX_METAL_FORMAT_VERSION 4
+#define NNX_METAL_FORMAT_VERSION 5
 
 typedef enum nnx_code {
   NNX_OK = 0,
@@ -134,7 +134,9 @@ nnx_code_t nnx_program_call(nnx_program_t *program, const nnx_function_t *functi
 // Copies the state variable `name` from the device into `data` (`byte_length` bytes, its dtype, C order).
 nnx_code_t nnx_program_read_state(nnx_program_t *program, const char *name, void *data, size_t byte_length,
                                   nnx_error_t *error);
-// Replaces the state variable `name` on the device with `data`; the others are kept.
+// Replaces the state variable `name` on the device with `data`; the others are kept. A variable no
+// function writes (the weights of an inference program) is constant on the device, so that IREE prepares
+// what depends on it once, at load: writing a new value loads the module again (as long as opening it).
 nnx_code_t nnx_program_write_state(nnx_program_t *program, const char *name, const void *data, size_t byte_length,
                                    nnx_error_t *error);
 
