@@ -76,18 +76,6 @@ def _inputs(spec: "compile.runtime.Function", rng: np.random.Generator) -> list[
   return arrays
 
 
-def _flat(value, structure) -> dict[int, np.ndarray]:
-  """A Python Program's structured result as ``{output index: array}``, following the manifest's structure."""
-  ((kind, content),) = structure.items()
-  if kind == "leaf":
-    return {content: np.asarray(value)}
-  if kind == "none":
-    return {}
-  if kind == "dict":
-    return {i: a for key, sub in content for i, a in _flat(value[key], sub).items()}
-  return {i: a for item, sub in zip(value, content, strict=True) for i, a in _flat(item, sub).items()}
-
-
 def c_session(c_build, artifact_dir, driver, calls, tmp: pathlib.Path, *, save: pathlib.Path | None = None):
   """Runs ``calls`` (``[(function, inputs)]``) in one nnx_run process; returns each call's outputs, in order."""
   artifact = nnxc.Artifact.open(artifact_dir)
@@ -112,9 +100,8 @@ def python_session(artifact_dir, driver, calls):
   program = nnxc.load_program(artifact_dir, device=driver)
   results = []
   for name, inputs in calls:
-    spec = program.functions[name].spec
-    flat = _flat(program.functions[name](*inputs), spec.structure)
-    results.append([flat[i] for i in range(len(spec.outputs))])
+    function = program.functions[name]
+    results.append(function.run_flat(function.flat_inputs(tuple(inputs))))  # flat, as C returns them
   return program, results
 
 
@@ -248,6 +235,28 @@ def test_realistic_transformer_train_step_matches_the_python_program(c_build, dr
   sequence = [(name, [np.asarray(a) for a in args]) for _ in range(2) for name, (fn, args) in calls.items()]
   (tmp_path / "run").mkdir()
   assert_same_run(c_build, directory, driver, sequence, tmp_path / "run")
+
+
+def test_bucketed_and_structured_programs_run_in_c_and_symbolic_ones_are_refused(c_build, tmp_path):
+  """Buckets are static functions (eval__b1, eval__b8) and an nnx.State output flattens by path: both run in C.
+
+  A symbolic dimension needs shapes per call, which the C API does not take: refused at open, naming the fix.
+  """
+  model = MLP(2, 16, 5, rngs=nnx.Rngs(0))
+  model.eval()
+  spec = jax.ShapeDtypeStruct((jax.export.symbolic_shape("b", constraints=("b <= 16",))[0], 2), np.float32)
+  functions = {
+    "eval": nnxc.method("__call__", spec, buckets=(1, 8)),
+    "grads": nnxc.function(lambda m, x: nnx.grad(lambda m: m(x).sum())(m), X),  # returns an nnx.State
+  }
+  nnxc.export(model, functions).save(tmp_path / "kinds")
+  (tmp_path / "run").mkdir()
+  calls = [("eval__b1", [X[:1]]), ("eval__b8", [X]), ("grads", [X])]
+  assert_same_run(c_build, tmp_path / "kinds", "local-sync", calls, tmp_path / "run")
+  nnxc.export(model, {"eval": nnxc.method("__call__", spec)}).save(tmp_path / "symbolic")
+  refused = run_c(c_build, tmp_path / "symbolic", "info", check=False)
+  assert refused.returncode == 10 + 3, refused.stderr
+  assert "args[0] has a symbolic dimension" in refused.stderr and "buckets=(1, 8, 32)" in refused.stderr
 
 
 # State by name, threads.

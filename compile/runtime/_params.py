@@ -122,7 +122,8 @@ def read_params(data: bytes, state: tuple[Variable, ...]) -> dict[str, np.ndarra
   """The state's arrays from the verified bytes of an archive, as the manifest's dtypes, sizes checked first.
 
   The archive is parsed from the bytes whose hash was checked, not from the file
-  again, and the arrays are copies: what was verified is what is used.
+  again, and the arrays are read-only views of those (immutable) bytes: what was
+  verified is what is used, and opening holds the state's bytes once, not twice.
   """
   entries = archive_entries(data)
   expected = {v.global_name for v in state}
@@ -142,7 +143,5 @@ def read_params(data: bytes, state: tuple[Variable, ...]) -> dict[str, np.ndarra
         f"{PARAMS} holds {end - start} bytes for {variable.name}, which needs {nbytes} "
         f"({variable.dtype}{list(variable.shape)}). The archive belongs to another export; export again."
       )
-    params[variable.global_name] = (
-      np.frombuffer(data, dtype, count=variable.size, offset=start).reshape(variable.shape).copy()
-    )
+    params[variable.global_name] = np.frombuffer(data, dtype, count=variable.size, offset=start).reshape(variable.shape)
   return params

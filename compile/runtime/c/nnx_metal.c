@@ -534,6 +534,12 @@ static nnx_code_t read_tensor(const nnx_program_t *p, const nnx_json_t *j, uint3
   uint64_t count = 1;
   size_t i = 0;
   for (uint32_t d = j->values[shape].first; d != NNX_JSON_NONE; d = j->values[d].next, ++i) {
+    if (j->values[d].kind == NNX_JSON_OBJECT) {  // {"dim": "b", "min": 1, "max": 64}: exported with symbolic_shape
+      return fail(error, NNX_ERROR_ARTIFACT,
+                  "%s: %s has a symbolic dimension; this library runs static shapes. For an app, export one static "
+                  "function per size instead: method(..., buckets=(1, 8, 32)) (see docs/symbolic-shapes.md).",
+                  p->directory, out->tensor.name);
+    }
     if (nnx_json_integer(j, d, 0, MAX_DIMENSION, &out->shape[i])) return interface_error(error, p, "a bad dimension");
     out->dims[i] = (iree_hal_dim_t)out->shape[i];
     count *= (uint64_t)out->shape[i];
