@@ -7,11 +7,11 @@ the JAX-lowered body, stores the leaves that body changed, and returns only the 
 outputs. ``nnx_get_state`` reads every global, for moving state to the host;
 ``nnx_set_state`` writes the written ones (below).
 
-A leaf that no function writes (the weights of an inference or generation program) is
-an immutable global: IREE then computes what depends only on it (a transposed
-embedding table, the re-packed tiles of every weight matrix) once, when the module
-loads, instead of in every call (GPT-2 small's decode step: 7x faster on cpu). A
-caller that replaces such a leaf loads the module again with the new values
+On cpu, a leaf that no function writes (the weights of an inference or generation
+program) is an immutable global (``RuntimeTarget.constant_state`` says where): IREE
+then computes what depends only on it (a transposed embedding table, the re-packed
+tiles of every weight matrix) once, when the module loads, instead of in every call.
+A caller that replaces such a leaf loads the module again with the new values
 (``compile/runtime/_program.py``, ``nnx_metal.c``).
 """
 
@@ -147,14 +147,19 @@ def _state_accessors(
   ]
 
 
-def assemble(module_name: str, functions: dict[str, Lowered], globals_: list[str], interface: str) -> str:
+def assemble(
+  module_name: str, functions: dict[str, Lowered], globals_: list[str], interface: str, *, constants: bool
+) -> str:
   """The program's MLIR: globals for the state, one public function per entry of ``functions``.
 
   All ``functions`` must be lowered from the same objects (one State layout).
-  ``interface`` (``runtime._manifest.interface``) is recorded in the module.
+  ``interface`` (``runtime._manifest.interface``) is recorded in the module. ``constants``
+  (``RuntimeTarget.constant_state``): the leaves no function writes are immutable globals.
   """
   first = next(iter(functions.values()))
   written = sorted({index for lowered in functions.values() for index in lowered.updates})
+  if not constants:
+    written = list(range(len(globals_)))
   lines = [f"module @{module_name} {{"]
   for index, (name, state_type) in enumerate(zip(globals_, first.state_types, strict=True)):
     parameter = f'#flow.parameter.named<"{PARAMETER_SCOPE}"::"{name}">'

@@ -474,9 +474,9 @@ def _compile(
     last = attempt + 1 == _ATTEMPTS
     lowered = program.lower(target, isolate)
     specs = _function_specs(program.functions, lowered, program.layout, target)
-    mlir = assemble(
-      program.module_name, lowered, [v.global_name for v in program.variables], interface(program.variables, specs)
-    )
+    globals_ = [v.global_name for v in program.variables]
+    constants = target.runtime.constant_state
+    mlir = assemble(program.module_name, lowered, globals_, interface(program.variables, specs), constants=constants)
     sites = {name: each.sites for name, each in lowered.items()}
     try:
       binary, cached = compile_cached(mlir, program.module_name, target, extra_flags, cache, sites)

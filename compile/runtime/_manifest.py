@@ -91,8 +91,10 @@ class Manifest:
     """The state variables some function writes, in state order: ``nnx_set_state`` takes these.
 
     The others are constant on the device (immutable globals, see compile/_assemble.py):
-    replacing one loads the module again.
+    replacing one loads the module again. Targets without constant state write every variable.
     """
+    if not self.target.constant_state:
+      return self.state
     names = {name for function in self.functions.values() for name in function.updates}
     return tuple(v for v in self.state if v.name in names)
 

@@ -59,6 +59,17 @@ class RuntimeTarget:
       return self.parallel_driver
     return self.drivers[0]
 
+  @property
+  def constant_state(self) -> bool:
+    """Whether state that no function writes is constant on the device (an immutable global).
+
+    IREE then prepares what depends on it (transposed, re-packed weights) once at load, not in
+    every call (compile/_assemble.py). On cpu only: on lavapipe, modules with immutable parameter
+    globals lost the device at load now and then when two test workers ran at once, and IREE's f64
+    demotion (the GPU targets) fails to compile them; the GPU targets keep every leaf mutable.
+    """
+    return self.backend == "llvm-cpu"
+
   def to_json(self) -> dict[str, Any]:
     return {"name": self.name, "backend": self.backend, "drivers": list(self.drivers), "demote_f64": self.demote_f64}
 

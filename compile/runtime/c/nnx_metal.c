@@ -648,8 +648,10 @@ static nnx_code_t learn_interface(nnx_program_t *p, nnx_json_t *iface, nnx_error
     if (code) return code;
   }
   // Which variables some function writes: nnx_set_state takes those; the others are immutable globals.
+  // Only cpu modules have constant state (compile/runtime/_targets.py RuntimeTarget.constant_state).
   p->written = calloc(p->state_count + 1, 1);
   if (!p->written) return fail(error, NNX_ERROR_MEMORY, "out of memory");
+  if (strcmp(p->target, "cpu") != 0) memset(p->written, 1, p->state_count), p->written_count = p->state_count;
   for (size_t f = 0; f < p->function_count; ++f) {
     uint32_t updates = nnx_json_get(iface, nnx_json_get(iface, functions, p->functions[f].function.name), "updates");
     if (updates == NNX_JSON_NONE || iface->values[updates].kind != NNX_JSON_ARRAY) return interface_error(error, p, "updates that are not a list");
