@@ -57,26 +57,23 @@ class Binary:
 # iree-org/iree#24753 (open, since IREE 3.12): modules with a stablehlo.while fail at
 # run time with "indirect buffer reference slot 0 is out range of the declared binding
 # capacity", from command buffers recorded with indirect bindings: memoized ones (per
-# call) and those of constant expressions hoisted into initializers (at load). JAX emits
-# while loops for fori_loop/scan and inside its threefry PRNG (Dropout), so such modules
-# turn off memoization and indirect command buffers, and on the GPU targets the hoisting
-# too. On cpu the hoisting stays on, limited to expressions that do not grow the
-# program's memory: with growth allowed (IREE's default), a generation loop over a
-# 2-layer GPT failed with "ref is null" in a hoisted copy; limited, it runs, and the
-# transposes and re-packed tiles of weights no function writes (immutable globals,
-# compile/_assemble.py) are still computed once at load instead of per call (decode 72 ->
-# 12 ms a step, 2 layers of GPT-2 small). On the SPIR-V targets even the limited hoisting
-# left the GPT's generate loop failing with #24753's error on lavapipe.
-_WHILE_LOOP_FLAGS = ("--iree-hal-memoization=false", "--iree-hal-indirect-command-buffers=false")
-_WHILE_LOOP_HOISTING = {"llvm-cpu": ("--iree-opt-const-expr-max-size-increase-threshold=0",)}
-_NO_HOISTING = ("--iree-opt-const-expr-hoisting=false",)
+# call) and those of constant expressions hoisted into initializers (at load). Turning
+# off only one or two of the three features below left other programs failing. JAX
+# emits while loops for fori_loop/scan and inside its threefry PRNG (Dropout), so such
+# modules turn all three off; loop-free modules keep them. That also turns off the
+# preparation of constant weights at load (compile/_assemble.py) in modules with loops.
+# Limiting the hoisting instead (--iree-opt-const-expr-max-size-increase-threshold=0)
+# ran a 2-layer GPT's generate loop, but GPT-2 small's failed with the same error.
+_WHILE_LOOP_FLAGS = (
+  "--iree-hal-memoization=false",
+  "--iree-hal-indirect-command-buffers=false",
+  "--iree-opt-const-expr-hoisting=false",
+)
 
 
 def module_flags(mlir: str, target: Target, extra_flags: tuple[str, ...] = ()) -> tuple[str, ...]:
   """Every iree-compile flag ``compile_module`` uses for ``mlir`` on ``target``."""
-  workarounds = ()
-  if "stablehlo.while" in mlir:
-    workarounds = (*_WHILE_LOOP_FLAGS, *_WHILE_LOOP_HOISTING.get(target.backend, _NO_HOISTING))
+  workarounds = _WHILE_LOOP_FLAGS if "stablehlo.while" in mlir else ()
   return (*target.flags, *target.speed_flags, *workarounds, *extra_flags)
 
 
