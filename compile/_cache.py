@@ -22,7 +22,7 @@ from ._stablehlo import OpSite
 from ._targets import Target
 from .runtime import MODULE, CompileError, is_safe_file_name, kernel_file, package_version, sha256
 
-ENTRY_FORMAT = 3
+ENTRY_FORMAT = 4  # 4: calls count each iteration of a loop with static bounds
 _META_FIELDS = ("flags", "dispatches", "compile_seconds", "calls")
 
 

@@ -10,6 +10,7 @@ path never reaches the module, so builds are byte-reproducible.
 """
 
 import dataclasses
+import math
 import pathlib
 import re
 import tempfile
@@ -133,22 +134,43 @@ def _read_dumps(dump: pathlib.Path, module_name: str) -> tuple[tuple[str, ...], 
   return dispatches, msl, spirv
 
 
-def _dispatch_calls(flow: str) -> dict[str, int]:
-  """``flow.dispatch`` ops per public function: the kernel launches in its code.
+_CONSTANT = re.compile(r"(%[\w$.-]+) = arith\.constant (-?\d+) : (?:i\d+|index)")
+_STATIC_LOOP = re.compile(r"scf\.for %[\w$.-]+ = (%[\w$.-]+) to (%[\w$.-]+) step (%[\w$.-]+)")
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
-  Executables are deduplicated across functions (and named after the first user),
-  so counting them per name undercounts; the flow-level calls are what each launches.
-  A dispatch inside a loop (``nnx.fori_loop``, ``nnx.scan``) counts once here, but
-  launches once per iteration: for a loop this is a lower bound of the launches per call.
+
+def _dispatch_calls(flow: str) -> dict[str, int]:
+  """Kernel launches per call of each public function, counted in its flow-level code.
+
+  Each ``flow.dispatch`` op counts once, times the trip count of every loop around it
+  whose bounds are constants: IREE turns ``nnx.fori_loop``/``nnx.scan`` (and JAX's
+  threefry rounds) with static bounds into ``scf.for`` over constants. A loop whose trip
+  count is known only at run time (``scf.while``, ``lax.while_loop``) counts its
+  dispatches once: for such a function the count is a lower bound. Executables are
+  deduplicated across functions (named after the first user), so counting them per
+  name would undercount; the calls are what each function launches.
   """
-  calls, function = {}, None
+  calls: dict[str, int] = {}
+  function, constants, loops, depth = None, {}, [], 0  # loops: (depth inside it, trip count)
   for line in flow.splitlines():
     header = re.match(r"\s*(?:util|func)\.func public @([\w$.]+)\(", line)
     if header:
-      function = header.group(1)
+      function, constants, loops = header.group(1), {}, []
       calls[function] = 0
-    elif function is not None and "flow.dispatch @" in line:
-      calls[function] += 1
+    code = _STRING.sub('""', line)
+    if constant := _CONSTANT.search(code):
+      constants[constant.group(1)] = int(constant.group(2))
+    if function is not None and "flow.dispatch @" in code:
+      calls[function] += math.prod(trips for _, trips in loops)
+    depth += code.count("{") - code.count("}")
+    if loop := _STATIC_LOOP.search(code):
+      low, high, step = (constants.get(name) for name in loop.groups())
+      known = None not in (low, high, step) and step > 0
+      loops.append((depth, max(0, -(-(high - low) // step)) if known else 1))
+    elif "scf.while" in code:
+      loops.append((depth, 1))
+    while loops and depth < loops[-1][0]:
+      loops.pop()
   return calls
 
 

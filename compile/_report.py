@@ -142,7 +142,8 @@ def _functions_section(artifact) -> str:
   for name, spec in artifact.functions.items():
     parts.append(
       f"<h3>{html.escape(name)}</h3><p><code>{html.escape(spec.signature())}</code><br>"
-      f"{spec.dispatch_count} kernel dispatches in its code (one in a loop launches once per iteration); "
+      f"{spec.dispatch_count} kernel launches per call (a loop whose trip count is known only at run time "
+      "counts once); "
       f"writes back {len(spec.updates)} state variables: "
       f"{html.escape(', '.join(spec.updates) or 'none')}</p>"
     )

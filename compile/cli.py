@@ -371,9 +371,8 @@ def _function_for(artifact: Artifact, label: str, name: str, values: list) -> An
 def run(options: argparse.Namespace) -> int:
   values = [parse_input(spec) for spec in options.input]  # reads .npy headers only
   artifact = open_artifact(options.artifact)
-  function = _function_for(
-    artifact, options.artifact, options.function, values
-  )  # inputs checked before allocating anything
+  # The inputs are checked before anything is allocated.
+  function = _function_for(artifact, options.artifact, options.function, values)
   if options.output is not None:
     text = os.fspath(options.output)
     output = pathlib.Path(text if text.endswith(".npy") else f"{text}.npy")  # as np.save names it

@@ -59,6 +59,21 @@ def test_artifact_directory_holds_what_the_manifest_says(saved):
   assert len(manifest["graphdef_fingerprint"]) == 64
 
 
+def test_dispatch_count_counts_each_iteration_of_a_loop_with_static_bounds():
+  """A layer applied n times in nnx.fori_loop launches its kernels n times a call: the count grows with n."""
+  model = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+  x = jnp.ones((2, 4))
+
+  def repeated(times):
+    def apply(model, x):
+      return nnx.fori_loop(0, times, lambda i, carry: jnp.tanh(model(carry)), x)
+
+    return nnxc.export(model, {"f": nnxc.function(apply, x)}).functions["f"].dispatch_count
+
+  three, five, seven = repeated(3), repeated(5), repeated(7)
+  assert seven - five == five - three > 0, (three, five, seven)
+
+
 def test_saved_artifact_reloads_with_its_trained_state(saved):
   directory, program = saved
   reloaded = nnxc.load_program(directory)

@@ -148,7 +148,8 @@ class Function:
     structure: the pytree shape of its return value (see ``_pytrees.py``).
     updates: the names of the state variables it writes back.
     executables: the kernels named after it (shared ones are named after their first user).
-    dispatch_count: kernels it launches per call.
+    dispatch_count: kernels it launches per call, each iteration of a loop with static bounds counted
+      (a loop whose trip count is known only at run time counts once: then a lower bound).
     flops: floating-point operations per call (XLA's cost analysis), which picks the CPU driver.
   """
 
