@@ -148,18 +148,16 @@ def _state_accessors(
 
 
 def assemble(
-  module_name: str, functions: dict[str, Lowered], globals_: list[str], interface: str, *, constants: bool
+  module_name: str, functions: dict[str, Lowered], globals_: list[str], interface: str, *, written: list[int]
 ) -> str:
   """The program's MLIR: globals for the state, one public function per entry of ``functions``.
 
   All ``functions`` must be lowered from the same objects (one State layout).
-  ``interface`` (``runtime._manifest.interface``) is recorded in the module. ``constants``
-  (``RuntimeTarget.constant_state``): the leaves no function writes are immutable globals.
+  ``interface`` (``runtime._manifest.interface``) is recorded in the module. ``written``
+  (``runtime.written_names``): indices of the mutable globals, the ones ``nnx_set_state`` takes;
+  the others are immutable.
   """
   first = next(iter(functions.values()))
-  written = sorted({index for lowered in functions.values() for index in lowered.updates})
-  if not constants:
-    written = list(range(len(globals_)))
   lines = [f"module @{module_name} {{"]
   for index, (name, state_type) in enumerate(zip(globals_, first.state_types, strict=True)):
     parameter = f'#flow.parameter.named<"{PARAMETER_SCOPE}"::"{name}">'

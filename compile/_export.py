@@ -48,6 +48,7 @@ from .runtime import (
   sha256,
   unflatten_outputs,
   user_metadata,
+  written_names,
 )
 from .spirv import find_races
 
@@ -475,8 +476,9 @@ def _compile(
     lowered = program.lower(target, isolate)
     specs = _function_specs(program.functions, lowered, program.layout, target)
     globals_ = [v.global_name for v in program.variables]
-    constants = target.runtime.constant_state
-    mlir = assemble(program.module_name, lowered, globals_, interface(program.variables, specs), constants=constants)
+    names = written_names([v.name for v in program.variables], specs.values(), target.runtime)
+    written = [i for i, v in enumerate(program.variables) if v.name in names]
+    mlir = assemble(program.module_name, lowered, globals_, interface(program.variables, specs), written=written)
     sites = {name: each.sites for name, each in lowered.items()}
     try:
       binary, cached = compile_cached(mlir, program.module_name, target, extra_flags, cache, sites)

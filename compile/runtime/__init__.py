@@ -42,6 +42,7 @@ from ._interface import function_name_problem as function_name_problem
 from ._interface import global_names as global_names
 from ._interface import interface as interface
 from ._interface import path_name as path_name
+from ._interface import written_names as written_names
 from ._manifest import Manifest as Manifest
 from ._program import Program as Program
 from ._program import ProgramFunction as ProgramFunction

@@ -75,6 +75,17 @@ def function_name_problem(name: str) -> str | None:
 _INTERFACE_FIELDS = ("label", "method", "mode", "inputs", "outputs", "structure", "updates")
 
 
+def written_names(state_names, functions, target) -> set[str]:
+  """The state variables ``nnx_set_state`` takes: those some function writes, or all of them.
+
+  On a target with constant state (``RuntimeTarget.constant_state``) the others are immutable
+  globals (compile/_assemble.py); ``functions`` are the records, each with its ``updates``.
+  """
+  if not target.constant_state:
+    return set(state_names)
+  return {name for function in functions for name in function.updates}
+
+
 def interface(state, functions) -> str:
   """The program's interface as canonical JSON: every state variable and function signature and structure.
 

@@ -24,7 +24,7 @@ from ._file_names import (
   PARAMS,
   is_safe_file_name,
 )
-from ._interface import IDENTIFIER, function_name_problem, global_names, interface
+from ._interface import IDENTIFIER, function_name_problem, global_names, interface, written_names
 from ._records import Function, Variable, function_check, variable_check
 from ._targets import RUNTIME_TARGETS, RuntimeTarget
 
@@ -93,9 +93,7 @@ class Manifest:
     The others are constant on the device (immutable globals, see compile/_assemble.py):
     replacing one loads the module again. Targets without constant state write every variable.
     """
-    if not self.target.constant_state:
-      return self.state
-    names = {name for function in self.functions.values() for name in function.updates}
+    names = written_names([v.name for v in self.state], self.functions.values(), self.target)
     return tuple(v for v in self.state if v.name in names)
 
   def interface(self) -> str:

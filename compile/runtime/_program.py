@@ -66,12 +66,16 @@ class ProgramFunction:
 
   def __init__(self, program: "Program", spec: Function):
     self.name, self.spec, self._program = spec.name, spec, program
-    self._function = program._module.function(spec.name)
+    self.bind(program._module)
     self._tree = _inputs.input_tree(spec.inputs)
     self._flat = self._tree is not None and all(type(node) is int for node in self._tree.values())
 
   def signature(self) -> str:
     return self.spec.signature()
+
+  def bind(self, module: DeviceModule) -> None:
+    """Calls this function of ``module`` from now on (the Program loaded its module again)."""
+    self._function = module.function(self.name)
 
   def flat_inputs(self, args: tuple) -> list[Any]:
     """What the user passed, matched to the exported inputs' structure: one value per input (see ``_inputs.py``)."""
@@ -236,7 +240,7 @@ class Program:
     self._module = module
     self._get_state, self._set_state = module.function(GET_STATE), module.function(SET_STATE)
     for function in self.functions.values():
-      function._function = module.function(function.name)
+      function.bind(module)
 
   def _variable(self, name: str) -> Variable:
     variable = self._variables.get(name) if isinstance(name, str) else None
