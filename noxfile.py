@@ -39,8 +39,11 @@ def _install_system_packages(session: nox.Session) -> None:
 
 # lavapipe's lane width is fixed when it loads: 512 bits (16 lanes) for the Metal stand-in,
 # 256 (its default, 8 lanes) for a second run of the vulkan tests where races show most.
-STANDIN_LANES = {"LP_NATIVE_VECTOR_WIDTH": "512", "MESA_SHADER_CACHE_DISABLE": "true"}
-EIGHT_LANES = {"LP_NATIVE_VECTOR_WIDTH": "256", "MESA_SHADER_CACHE_DISABLE": "true"}
+# The tests keep Mesa's shader cache in one directory per width (tests/conftest.py); elsewhere it is
+# off, since its keys ignore the width.
+STANDIN_LANES = {"LP_NATIVE_VECTOR_WIDTH": "512"}
+EIGHT_LANES = {"LP_NATIVE_VECTOR_WIDTH": "256"}
+NO_SHADER_CACHE = {"MESA_SHADER_CACHE_DISABLE": "true"}
 
 
 @nox.session(python="3.11")
@@ -52,9 +55,11 @@ def tests(session: nox.Session) -> None:
   # iree-compile makes), fresh each session; tests run in one worker per core (pytest-xdist).
   cache = {"NNX_METAL_TEST_CACHE": tempfile.mkdtemp(prefix="nnx-metal-test-cache-")}
   try:
-    session.run("pytest", "-n", "auto", "--durations=25", *session.posargs, env={**STANDIN_LANES, **cache})
+    # loadgroup: tests in one xdist_group (a catalog entry's targets) share a worker, and its eager reference.
+    workers = ("-n", "auto", "--dist", "loadgroup")
+    session.run("pytest", *workers, "--durations=25", *session.posargs, env={**STANDIN_LANES, **cache})
     if not session.posargs:
-      session.run("pytest", "-n", "auto", "-m", "target_vulkan", "-q", env={**EIGHT_LANES, **cache})
+      session.run("pytest", *workers, "-m", "target_vulkan", "-q", env={**EIGHT_LANES, **cache})
   finally:
     shutil.rmtree(cache["NNX_METAL_TEST_CACHE"], ignore_errors=True)
 
@@ -81,7 +86,15 @@ def bench(session: nox.Session) -> None:
   """Benchmarks programs against jax.jit and nnx.jit; writes build/bench/bench.{json,md}."""
   _install_system_packages(session)  # the dynamic-shape tier runs on the Metal stand-in too
   session.install("-e", ".[test]")  # the C tier builds IREE's runtime with cmake and ninja
-  session.run("python", "-m", "nnx_models.tools.bench", "--out", "build/bench", *session.posargs, env=STANDIN_LANES)
+  session.run(
+    "python",
+    "-m",
+    "nnx_models.tools.bench",
+    "--out",
+    "build/bench",
+    *session.posargs,
+    env={**STANDIN_LANES, **NO_SHADER_CACHE},
+  )
 
 
 @nox.session(python="3.11")

@@ -1,14 +1,21 @@
 """Shared test configuration: strict JAX, lavapipe's lane width, per-target tolerances, tree-aware comparisons."""
 
 import os
+import re
 import shutil
+import tempfile
 
 # lavapipe reads its lane width when the Vulkan driver loads, so set it before any test
 # opens a device. 512 bits = 16 lanes, the widest lavapipe really runs subgroup operations
 # on, and the width the metal-vulkan stand-in is compiled for. `nox -s tests` runs the
 # vulkan tests a second time at lavapipe's default 8 lanes (LP_NATIVE_VECTOR_WIDTH=256).
 os.environ.setdefault("LP_NATIVE_VECTOR_WIDTH", "512")
-os.environ.setdefault("MESA_SHADER_CACHE_DISABLE", "true")  # Mesa's cache ignores the lane width
+# The run's caches: compiled artifacts, XLA's executables for the eager references, lavapipe's shaders.
+SHARED_CACHE = os.environ.get("NNX_METAL_TEST_CACHE") or os.path.join(tempfile.gettempdir(), "nnx-metal-test-cache")
+# Mesa's shader cache keys ignore the lane width, so each width gets a directory of its own; with it,
+# a program loaded again (by another test, by the C runtime) skips lavapipe's seconds of shader compiles.
+if "MESA_SHADER_CACHE_DISABLE" not in os.environ:
+  os.environ["MESA_SHADER_CACHE_DIR"] = os.path.join(SHARED_CACHE, f"mesa-{os.environ['LP_NATIVE_VECTOR_WIDTH']}-bit")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -61,17 +68,42 @@ def spirv_tool(name: str) -> str:
   return path
 
 
+def pytest_configure(config):
+  """Eager references compile through XLA op by op (hundreds of executables for one train step), and
+  every target's test and both lane-width runs compute the same ones: JAX's persistent compilation
+  cache lets the first computation serve the rest, across xdist workers and runs. It caches XLA's
+  executables for the eager side only; nothing the library exports goes through it.
+  """
+  jax.config.update("jax_compilation_cache_dir", os.path.join(SHARED_CACHE, "jax"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook reads the groups
 def pytest_collection_modifyitems(items):
   """Marks each test parametrized over a target with ``target_<name>``, e.g. ``-m target_vulkan``.
+
+  The targets of one test share an xdist group (``nox -s tests`` runs ``--dist loadgroup``): they
+  run in one worker, which lowers the model and computes the eager reference once for all of them
+  (JAX caches both in memory) instead of once per worker.
 
   Tests marked ``after_compiles`` run last: they rebuild what other tests compile (the whole zoo), and by
   then the run's shared compile cache holds most of it.
   """
   for item in items:
-    target = getattr(item, "callspec", None) and item.callspec.params.get("target")
+    params = getattr(item, "callspec", None) and item.callspec.params
+    target = params and params.get("target")
     if isinstance(target, str):
       item.add_marker(f"target_{target.replace('-', '_')}")
+      if item.get_closest_marker("xdist_group") is None:
+        item.add_marker(pytest.mark.xdist_group(_group_of(item, params)))
   items.sort(key=lambda item: item.get_closest_marker("after_compiles") is not None)  # stable: order kept
+
+
+def _group_of(item, params: dict) -> str:
+  """The test's name and its parameters other than the target (no ``]`` or ``@``: xdist splits on them)."""
+  rest = ",".join(f"{key}={value}" for key, value in sorted(params.items(), key=str) if key != "target")
+  return re.sub(r"[^\w.=,:-]", "_", f"{item.module.__name__}:{item.originalname}:{rest}")
 
 
 def _comparable(x):

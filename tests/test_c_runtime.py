@@ -472,7 +472,7 @@ def test_a_pinned_digest_refuses_any_other_artifact(c_build, adamw_artifacts, ot
 def test_the_metal_stand_in_refuses_a_lavapipe_of_another_width(c_build, adamw_artifacts):
   require_device("metal-vulkan")
   directory = adamw_artifacts("metal-vulkan")
-  env = {**os.environ, "LP_NATIVE_VECTOR_WIDTH": "256"}
+  env = {**os.environ, "LP_NATIVE_VECTOR_WIDTH": "256", "MESA_SHADER_CACHE_DISABLE": "true"}  # not the 512-bit cache
   result = subprocess.run([str(c_build["nnx_run"]), str(directory), "info"], capture_output=True, text=True, env=env)
   assert result.returncode == 10 + 6 and "LP_NATIVE_VECTOR_WIDTH=512" in result.stderr, result.stderr
 

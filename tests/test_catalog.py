@@ -29,30 +29,54 @@ def _value(leaf):
   return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
 
 
+@functools.cache
+def _eager_run(name: str) -> list[tuple[dict, dict]]:
+  """Per step: ``({function: eager outputs}, {state path: eager value})``, as numpy.
+
+  Every target replays the same eager run, so it is computed once per entry (an entry's
+  tests share an xdist group, so they run in one worker).
+  """
+  entry = CATALOG[name]
+  eager = entry.objects()
+  keys = tuple(eager) if isinstance(eager, dict) else None
+  run = []
+  with jax.numpy_dtype_promotion("standard"):
+    for step in range(STEPS):
+      outputs = {}
+      for function, fn in entry.calls.items():
+        outputs[function] = jax.tree.map(np.asarray, call_with_objects(eager, fn, entry.inputs(function, step), keys))
+      state = {path_name(p): _value(v) for p, v in nnx.to_flat_state(nnx.state(eager))}  # immutable arrays
+      run.append((outputs, state))
+  return run
+
+
+def _entries():
+  """The catalog's names, each in its own xdist group (``--dist loadgroup``)."""
+  return [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in CATALOG]
+
+
 @pytest.mark.parametrize("target", RUNNABLE)
-@pytest.mark.parametrize("name", list(CATALOG))
+@pytest.mark.parametrize("name", _entries())
 @pytest.mark.usefixtures("standard_dtype_promotion")
 def test_compiled_matches_eager_call_after_call(name, target):
   require_device(target)
   entry = CATALOG[name]
-  program, eager = _artifact(name, target).load(), entry.objects()
-  keys = tuple(eager) if isinstance(eager, dict) else None
+  program = _artifact(name, target).load()
   tolerance = dict(rtol=entry.rtol, atol=entry.rtol)
-  for step in range(STEPS):
-    for function, fn in entry.calls.items():
+  for step, (outputs, state) in enumerate(_eager_run(name)):
+    for function in entry.calls:
       inputs = entry.inputs(function, step)
       got = program.functions[function](*[np.asarray(x) for x in inputs])
-      want = call_with_objects(eager, fn, inputs, keys)
-      assert_trees_allclose(got, jax.tree.map(np.asarray, want), **tolerance)
+      assert_trees_allclose(got, outputs[function], **tolerance)
     compiled = {path_name(p): _value(v) for p, v in nnx.to_flat_state(program.state())}
-    for path, variable in nnx.to_flat_state(nnx.state(eager)):
-      name_ = path_name(path)
-      noise = entry.noise_gradients.get(name_)
+    assert compiled.keys() == state.keys()
+    for path, want in state.items():
+      noise = entry.noise_gradients.get(path)
       bound = dict(rtol=0, atol=2 * noise * (step + 1)) if noise else tolerance
-      assert_trees_allclose({name_: compiled[name_]}, {name_: _value(variable)}, **bound)
+      assert_trees_allclose({path: compiled[path]}, {path: want}, **bound)
 
 
-@pytest.mark.parametrize("name", list(CATALOG))
+@pytest.mark.parametrize("name", _entries())
 def test_builds_for_metal_with_msl_and_no_kernel_race(name):
   artifact = _artifact(name, "metal")
   assert artifact.spirv() and not any(nnxc.find_races(spirv) for spirv in artifact.spirv().values())
