@@ -86,6 +86,25 @@ def test_saved_artifact_reloads_with_its_trained_state(saved):
   np.testing.assert_allclose(model(x), program.eval(x), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("driver", ["local-sync", "local-task"])
+def test_an_opened_artifact_lends_its_parameters_to_programs_that_never_write_them(saved, driver):
+  """Opened parameters lie in aligned, read-only memory, which a cpu device uses in place for the constants;
+  what a program writes goes to its own copy: the artifact's values stay, and every load starts from them."""
+  directory, _ = saved
+  artifact = nnxc.Artifact.open(directory)
+  assert all(a.ctypes.data % 64 == 0 and not a.flags.writeable for a in artifact.params.values() if a.size)
+  before = {name: a.copy() for name, a in artifact.params.items()}
+  first = artifact.load(device=driver)
+  for step in range(3):
+    first.train(*ZOO["mlp"].example_args(BATCH, step))
+  trained = first.arrays()
+  assert any(not np.array_equal(trained[v.name], before[v.global_name]) for v in artifact.state)
+  for name, a in artifact.params.items():
+    np.testing.assert_array_equal(a, before[name], err_msg=name)
+  second = artifact.load(device=driver)
+  assert_trees_allclose(second.state(), artifact.saved_state(), rtol=0, atol=0)
+
+
 def test_metal_artifact_carries_the_msl_of_every_dispatch(tmp_path):
   artifact = _mlp_artifact("metal")
   artifact.save(tmp_path / "metal")

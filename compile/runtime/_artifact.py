@@ -272,7 +272,8 @@ class Artifact:
         manifest = Manifest.from_json(text)
       except ArtifactError as e:
         raise ArtifactError(f"{directory}: {e}") from None
-      files = {relative: read(relative) for relative in manifest.files}
+      # The parameters in page-aligned memory: a cpu device then uses them in place (see _files._read_at).
+      files = {relative: read(relative, aligned=relative == PARAMS) for relative in manifest.files}
     for relative, data in files.items():
       if sha256(data) != manifest.files[relative]:
         raise ArtifactError(

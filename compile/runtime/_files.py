@@ -20,6 +20,7 @@ block (a FIFO where a directory should be).
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
 import pathlib
 import re
@@ -285,8 +286,13 @@ def _memory_bytes() -> int | None:
     return None
 
 
-def _read_at(directory_fd: int, relative: str, limit: int | None, shown: pathlib.Path) -> bytes:
-  """Reads ``relative`` under an open directory: each folder and the file opened without following links."""
+def _read_at(directory_fd: int, relative: str, limit: int | None, shown: pathlib.Path, aligned: bool) -> bytes:
+  """Reads ``relative`` under an open directory: each folder and the file opened without following links.
+
+  ``aligned`` reads into page-aligned memory of the process's own (an anonymous map), returned as
+  a read-only view: IREE's cpu devices then use a parameter archive's values where they lie instead
+  of copying them at load (they take host memory aligned to 64 bytes; a ``bytes`` object's is not).
+  """
   *folders, file_name = relative.split("/")
   opened, current = [], directory_fd
   where = shown / relative
@@ -303,7 +309,12 @@ def _read_at(directory_fd: int, relative: str, limit: int | None, shown: pathlib
     if (limit is not None and info.st_size > limit) or (memory is not None and info.st_size > memory):
       raise ArtifactError(f"{where} is {info.st_size} bytes, more than an artifact's file may hold here.")
     with os.fdopen(os.dup(descriptor), "rb") as f:
-      return f.read()
+      if not aligned:
+        return f.read()
+      memory = mmap.mmap(-1, max(info.st_size, 1))
+      if f.readinto(memoryview(memory)[: info.st_size]) != info.st_size:
+        raise ArtifactError(f"{where} changed while it was read. Read it again when nothing writes to it.")
+      return memoryview(memory)[: info.st_size].toreadonly()
   except FileNotFoundError:
     raise ArtifactError(f"{where} is missing: the artifact is incomplete. Export it again.") from None
   except OSError as e:
@@ -330,7 +341,9 @@ _WHY_NOT_A_DIRECTORY = {
 
 @contextlib.contextmanager
 def reading(directory: str | os.PathLike, *, lock: bool = True) -> Iterator[Callable[..., bytes]]:
-  """``read(relative, limit=None) -> bytes`` for the files of ``directory``, one save's worth.
+  """``read(relative, limit=None, *, aligned=False) -> bytes`` for the files of ``directory``, one save's worth.
+
+  With ``aligned``, a read-only, page-aligned ``memoryview`` instead of ``bytes`` (see ``_read_at``).
 
   ``lock=False`` is for a save that holds the (exclusive) lock already.
 
@@ -346,6 +359,6 @@ def reading(directory: str | os.PathLike, *, lock: bool = True) -> Iterator[Call
       why = _WHY_NOT_A_DIRECTORY.get(e.errno, e.strerror or str(e))
       raise ArtifactError(f"{directory} is not an nnx-metal artifact: {why}.") from None
     try:
-      yield lambda relative, limit=None: _read_at(directory_fd, relative, limit, directory)
+      yield lambda relative, limit=None, *, aligned=False: _read_at(directory_fd, relative, limit, directory, aligned)
     finally:
       os.close(directory_fd)

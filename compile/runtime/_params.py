@@ -55,7 +55,7 @@ def write_params(path: pathlib.Path, params: dict[str, np.ndarray]) -> bytes:
   return data
 
 
-def _range(data: bytes, base: int, offset: int, length: int, what: str) -> tuple[int, int]:
+def _range(data: bytes | memoryview, base: int, offset: int, length: int, what: str) -> tuple[int, int]:
   """``(start, end)`` of ``length`` bytes at ``base + offset``, which must lie inside ``data``."""
   start, end = base + offset, base + offset + length
   if not 0 <= start <= end <= len(data):
@@ -66,7 +66,7 @@ def _range(data: bytes, base: int, offset: int, length: int, what: str) -> tuple
   return start, end
 
 
-def archive_entries(data: bytes) -> dict[str, tuple[int, int]]:
+def archive_entries(data: bytes | memoryview) -> dict[str, tuple[int, int]]:
   """``{name: (start, end)}`` of each entry's bytes in ``data``, every range checked against the file.
 
   Reads the archives nnx-metal writes: one version 0.0 header, data entries only.
@@ -79,7 +79,7 @@ def archive_entries(data: bytes) -> dict[str, tuple[int, int]]:
   def corrupt(problem: str) -> ArtifactError:
     return ArtifactError(f"{PARAMS} {problem}. The archive is corrupt or was edited; export the artifact again.")
 
-  if len(data) < _HEADER.size or data[:4] != _MAGIC:
+  if len(data) < _HEADER.size or bytes(data[:4]) != _MAGIC:
     raise corrupt("is not an IREE parameter archive (no IRPA header)")
   _, major, minor, header_size, next_header, _, count, *ranges = _HEADER.unpack_from(data)
   if (major, minor, header_size, next_header) != (0, 0, _HEADER.size, 0):
@@ -108,7 +108,7 @@ def archive_entries(data: bytes) -> dict[str, tuple[int, int]]:
     storage_offset, storage_length = _DATA_ENTRY.unpack_from(data, position + _ENTRY.size)
     start, end = inside("metadata segment", name_offset, name_length, f"name of entry {index}")
     try:
-      name = data[start:end].decode()
+      name = bytes(data[start:end]).decode()
     except UnicodeDecodeError:
       raise corrupt(f"has entry {index} whose name is not UTF-8") from None
     if name in entries:
@@ -118,7 +118,7 @@ def archive_entries(data: bytes) -> dict[str, tuple[int, int]]:
   return entries
 
 
-def read_params(data: bytes, state: tuple[Variable, ...]) -> dict[str, np.ndarray]:
+def read_params(data: bytes | memoryview, state: tuple[Variable, ...]) -> dict[str, np.ndarray]:
   """The state's arrays from the verified bytes of an archive, as the manifest's dtypes, sizes checked first.
 
   The archive is parsed from the bytes whose hash was checked, not from the file
