@@ -1,8 +1,12 @@
 """A content-addressed cache of iree-compile results: the same program, target, flags and versions compile once.
 
-The key is the sha256 of the assembled MLIR (which holds the GraphDef's structure,
-every shape and dtype, and the traced code), the target, the full flags and the
-versions of jax, flax, iree-base-compiler and nnx-metal. Entries are written to a
+The key is the sha256 of the assembled MLIR without its source locations (it holds the
+GraphDef's structure, every shape and dtype, and the traced code), the target, the full
+flags and the versions of jax, flax, iree-base-compiler and nnx-metal. Locations are left
+out because they depend on what the process traced before (see
+``_stablehlo.without_locations``), not on the program; a hit's module then carries the
+first compile's locations in its debug information. A recorded failure is keyed with
+the locations, since its message names the Python line. Entries are written to a
 temporary directory and renamed into place, so two processes exporting the same
 model at once each see either no entry or a complete one; a corrupt entry is
 detected by its hashes and compiled again.
@@ -18,11 +22,11 @@ import warnings
 from collections.abc import Mapping
 
 from ._iree import Binary, compile_module, module_flags
-from ._stablehlo import OpSite
+from ._stablehlo import OpSite, without_locations
 from ._targets import Target
 from .runtime import MODULE, CompileError, is_safe_file_name, kernel_file, package_version, sha256
 
-ENTRY_FORMAT = 4  # 4: calls count each iteration of a loop with static bounds
+ENTRY_FORMAT = 5  # 4: calls count each iteration of a loop with static bounds; 5: keys without locations
 _META_FIELDS = ("flags", "dispatches", "compile_seconds", "calls")
 
 
@@ -42,8 +46,10 @@ class CompileCache:
   def __init__(self, directory: str | os.PathLike | None = None):
     self.directory = pathlib.Path(directory) if directory is not None else default_directory()
 
-  def key(self, mlir: str, target: Target, flags: tuple[str, ...]) -> str:
-    identity = {"entry": ENTRY_FORMAT, "mlir": sha256(mlir.encode()), "target": target.name, "flags": list(flags)}
+  def key(self, mlir: str, target: Target, flags: tuple[str, ...], *, locations: bool = False) -> str:
+    """The entry of ``mlir`` compiled for ``target`` with ``flags``; ``locations``: keyed with them too."""
+    code = mlir if locations else without_locations(mlir)
+    identity = {"entry": ENTRY_FORMAT, "mlir": sha256(code.encode()), "target": target.name, "flags": list(flags)}
     return sha256(json.dumps({**identity, "versions": toolchain_versions()}, sort_keys=True).encode())
 
   def _path(self, key: str) -> pathlib.Path:
@@ -141,17 +147,19 @@ def compile_cached(
   """``compile_module`` through ``cache`` (None: no cache). Returns the Binary and whether it was a hit."""
   if cache is None:
     return compile_module(mlir, module_name, target, extra_flags, sites=sites), False
-  key = cache.key(mlir, target, module_flags(mlir, target, extra_flags))
+  flags = module_flags(mlir, target, extra_flags)
+  key = cache.key(mlir, target, flags)
   binary = cache.get(key)
   if binary is not None:
     return binary, True
-  failure = cache.get_failure(key)
+  failed = cache.key(mlir, target, flags, locations=True)  # a failure's message names this trace's lines
+  failure = cache.get_failure(failed)
   if failure is not None:
     raise failure  # iree-compile failed on this very input before: export's retry moves on at once
   try:
     binary = compile_module(mlir, module_name, target, extra_flags, sites=sites)
   except CompileError as error:
-    _best_effort(cache.put_failure, key, error)
+    _best_effort(cache.put_failure, failed, error)
     raise
   _best_effort(cache.put, key, binary)
   return binary, False

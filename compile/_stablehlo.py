@@ -170,6 +170,35 @@ def clean_for_iree(module: ir.Module, scope: str = "main") -> tuple[OpSite, ...]
   return tuple(sites)
 
 
+# What ``without_locations`` steps through: strings (skipped whole, so a "loc(" inside one is text), location
+# openings and parentheses.
+_LOCATION_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|\bloc\(|[()]')
+
+
+def without_locations(mlir: str) -> str:
+  """``mlir`` (as :func:`module_text` prints it) without its inline ``loc(...)`` attributes: the code alone.
+
+  JAX traces a jitted helper (the threefry hash behind every Dropout, for one) once per
+  process and reuses it, with the Python frames of whichever model called it first, so
+  the same program's locations depend on what the process traced before.
+  """
+  pieces, kept_from, depth = [], 0, 0  # depth > 0: inside a loc(...)
+  for token in _LOCATION_TOKENS.finditer(mlir):
+    text = token.group()
+    if depth == 0:
+      if text == "loc(":
+        pieces.append(mlir[kept_from : token.start()])
+        depth = 1
+    elif text == ")":
+      depth -= 1
+      if depth == 0:
+        kept_from = token.end()
+    elif text[0] != '"':
+      depth += 1
+  pieces.append(mlir[kept_from:])
+  return "".join(pieces)
+
+
 def module_text(module: ir.Module | ir.Operation) -> str:
   """The text iree-compile gets: with every op's location inline, so its errors point at Python lines."""
   operation = module.operation if hasattr(module, "operation") else module

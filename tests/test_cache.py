@@ -1,5 +1,6 @@
 """The compile cache: unchanged programs skip iree-compile; corrupt entries and concurrent writers are safe."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -70,3 +71,34 @@ def test_two_processes_exporting_at_once_leave_one_good_entry(tmp_path):
   assert len(list(tmp_path.glob("*/*/binary.json"))) == 1
   assert [p for p in tmp_path.glob("*/.*")] == []  # no temporary directories left behind
   assert _export(tmp_path).from_cache
+
+
+TRAIN_MLP_AFTER = textwrap.dedent(
+  """
+  import hashlib, json, sys
+  import jax
+  from flax import nnx
+  import compile as nnxc
+  from nnx_models import CATALOG, ZOO
+  if sys.argv[2] == "after-another-model":  # JAX keeps the RNG helpers it traced here, with this model's frames
+    entry = CATALOG["dropout"]
+    nnx.jit(entry.calls["train"])(entry.objects(), *entry.inputs("train", 0))
+  args = ZOO["mlp"].example_args(4, 0)
+  artifact = nnxc.export(ZOO["mlp"].make(0), {"train": nnxc.method("__call__", *args, mode="train")}, cache=sys.argv[1])
+  mlir = hashlib.sha256(artifact.files["module.mlir"]).hexdigest()
+  print(json.dumps({"from_cache": artifact.from_cache, "mlir": mlir}))
+  """
+)
+
+
+def test_a_program_traced_after_another_model_hits_the_cache(tmp_path):
+  """The same program's locations depend on what the process traced before; its cache entry does not."""
+  runs = []
+  for history in ("alone", "after-another-model"):
+    done = subprocess.run(
+      [sys.executable, "-c", TRAIN_MLP_AFTER, str(tmp_path), history], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs.append(json.loads(done.stdout.splitlines()[-1]))
+  assert runs[0]["mlir"] != runs[1]["mlir"]  # the locations differ (else this test tests nothing)
+  assert [run["from_cache"] for run in runs] == [False, True]
