@@ -67,16 +67,9 @@ def _artifact(name: str, target: str) -> nnxc.Artifact:
     return nnxc.export(entry.objects(), functions, target=target)
 
 
-# Every forward model IREE compiles with a dynamic batch, on cpu and on the stand-in; of those that take buckets,
-# a few of each kind (buckets are static functions the Program chooses from, the same for every model and target;
-# every catalog model's static kernels are checked on both targets by tests/test_catalog.py).
-BUCKETED = {"cpu": ["layer_norm", "attention_causal", "lstm", "conv_grouped"], "metal-vulkan": ["batch_norm"]}
-CASES = [
-  (name, target)
-  for target in ("cpu", "metal-vulkan")
-  for name in FORWARD
-  if not _buckets(name, target) or name in BUCKETED[target]
-]
+# Every forward model of the catalog on cpu and on the stand-in: a symbolic batch where IREE compiles one,
+# buckets where it cannot (static functions the Program chooses from by the input's size).
+CASES = [(name, target) for target in ("cpu", "metal-vulkan") for name in FORWARD]
 
 
 @pytest.mark.parametrize(("name", "target"), CASES)
