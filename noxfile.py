@@ -54,6 +54,7 @@ def tests(session: nox.Session) -> None:
   # One compile cache for both runs (lane width changes how lavapipe runs kernels, not what
   # iree-compile makes), fresh each session; tests run in one worker per core (pytest-xdist).
   cache = {"NNX_METAL_TEST_CACHE": tempfile.mkdtemp(prefix="nnx-metal-test-cache-")}
+  session.run("python", "-m", "tests.c_build")  # before the tests, not beside them (tests/c_build.py)
   try:
     # loadgroup: tests in one xdist_group (a catalog entry's targets) share a worker, and its eager reference.
     workers = ("-n", "auto", "--dist", "loadgroup")

@@ -31,7 +31,7 @@ def _value(leaf):
 
 @functools.cache
 def _eager_run(name: str) -> list[tuple[dict, dict]]:
-  """Per step: ``({function: eager outputs}, {state path: eager value})``, as numpy.
+  """Per step: ``({function: eager outputs as numpy}, {state path: eager value})``.
 
   Every target replays the same eager run, so it is computed once per entry (an entry's
   tests share an xdist group, so they run in one worker).
@@ -45,7 +45,7 @@ def _eager_run(name: str) -> list[tuple[dict, dict]]:
       outputs = {}
       for function, fn in entry.calls.items():
         outputs[function] = jax.tree.map(np.asarray, call_with_objects(eager, fn, entry.inputs(function, step), keys))
-      state = {path_name(p): _value(v) for p, v in nnx.to_flat_state(nnx.state(eager))}  # immutable arrays
+      state = {path_name(p): _value(v) for p, v in nnx.to_flat_state(nnx.state(eager))}  # JAX arrays: immutable
       run.append((outputs, state))
   return run
 

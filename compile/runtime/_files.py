@@ -286,7 +286,9 @@ def _memory_bytes() -> int | None:
     return None
 
 
-def _read_at(directory_fd: int, relative: str, limit: int | None, shown: pathlib.Path, aligned: bool) -> bytes:
+def _read_at(
+  directory_fd: int, relative: str, limit: int | None, shown: pathlib.Path, aligned: bool
+) -> bytes | memoryview:
   """Reads ``relative`` under an open directory: each folder and the file opened without following links.
 
   ``aligned`` reads into page-aligned memory of the process's own (an anonymous map), returned as
@@ -311,10 +313,10 @@ def _read_at(directory_fd: int, relative: str, limit: int | None, shown: pathlib
     with os.fdopen(os.dup(descriptor), "rb") as f:
       if not aligned:
         return f.read()
-      memory = mmap.mmap(-1, max(info.st_size, 1))
-      if f.readinto(memoryview(memory)[: info.st_size]) != info.st_size:
+      mapped = mmap.mmap(-1, max(info.st_size, 1))  # an anonymous map starts on a page boundary
+      if f.readinto(memoryview(mapped)[: info.st_size]) != info.st_size:
         raise ArtifactError(f"{where} changed while it was read. Read it again when nothing writes to it.")
-      return memoryview(memory)[: info.st_size].toreadonly()
+      return memoryview(mapped)[: info.st_size].toreadonly()
   except FileNotFoundError:
     raise ArtifactError(f"{where} is missing: the artifact is incomplete. Export it again.") from None
   except OSError as e:
