@@ -1,9 +1,9 @@
 """IREE's runtime, the C library and the test programs of tests/c/, built once per cache entry.
 
 ``nox -s tests`` runs this module before pytest, so that the build (minutes of both cores, the
-first time) does not run beside the tests: lavapipe has lost its device when tests ran next to
-it. The tests' ``c_build`` fixture calls :func:`build_test_programs` too; a second call finds
-the build done.
+first time) does not run beside the tests: the fresh-clone runs in which lavapipe lost its device
+built the runtime beside the Vulkan tests (suspected, not proven, to be the cause).
+The tests' ``c_build`` fixture calls :func:`build_test_programs` too; a second call finds the build done.
 """
 
 import hashlib
@@ -22,7 +22,8 @@ def build_test_programs() -> dict[str, pathlib.Path]:
     deploy.BuildError: no runtime source, CMake, Ninja or compiler, or the build failed.
   """
   source = deploy.iree_runtime_source()
-  deploy.tool("cmake"), deploy.tool("ninja")
+  for name in ("cmake", "ninja"):
+    deploy.tool(name)  # raises BuildError where it is missing, before any work
   # A new build folder when the sources' place or the CMake files change (their option defaults apply at configure).
   cmake_files = (TESTS_C / "CMakeLists.txt").read_text() + (deploy.LIBRARY / "CMakeLists.txt").read_text()
   key = hashlib.sha256(f"{source}\n{TESTS_C.resolve()}\n{cmake_files}".encode()).hexdigest()[:16]

@@ -11,7 +11,11 @@ import tempfile
 # vulkan tests a second time at lavapipe's default 8 lanes (LP_NATIVE_VECTOR_WIDTH=256).
 os.environ.setdefault("LP_NATIVE_VECTOR_WIDTH", "512")
 # The run's caches: compiled artifacts, XLA's executables for the eager references, lavapipe's shaders.
+# `nox -s tests` makes a fresh one for its two runs (NNX_METAL_TEST_CACHE); a plain pytest keeps one in the
+# temporary directory, never the user's ~/.cache/nnx-metal. Tests in different xdist workers, and the
+# processes tests start, that build the same program compile it once.
 SHARED_CACHE = os.environ.get("NNX_METAL_TEST_CACHE") or os.path.join(tempfile.gettempdir(), "nnx-metal-test-cache")
+os.environ["NNX_METAL_CACHE"] = os.path.join(SHARED_CACHE, "compile")
 # Mesa's shader cache keys ignore the lane width, so each width gets a directory of its own; with it,
 # a program loaded again (by another test, by the C runtime) skips lavapipe's seconds of shader compiles.
 if "MESA_SHADER_CACHE_DISABLE" not in os.environ:
@@ -130,22 +134,6 @@ def assert_trees_allclose(actual, expected, *, rtol: float, atol: float) -> None
     a, b = a.astype(np.float64), b.astype(np.float64)  # also bfloat16, which numpy's testing cannot take
     scale = float(np.max(np.abs(b), initial=0.0))
     np.testing.assert_allclose(a, b, rtol=0, atol=atol + rtol * scale, err_msg=f"{where} (max|expected| = {scale:.3g})")
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _private_compile_cache(tmp_path_factory):
-  """Tests compile into their own cache, never the user's ~/.cache/nnx-metal.
-
-  One cache for the whole run: ``NNX_METAL_TEST_CACHE`` where the runner sets it (``nox -s tests``
-  shares one between its two pytest runs), else one beside the workers' temporary directories, so
-  tests in different xdist workers that build the same program compile it once.
-  """
-  shared = os.environ.get("NNX_METAL_TEST_CACHE")
-  if shared is None:
-    base = tmp_path_factory.getbasetemp()
-    shared = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "compile-cache")
-  os.makedirs(shared, exist_ok=True)
-  os.environ["NNX_METAL_CACHE"] = shared
 
 
 @pytest.fixture
