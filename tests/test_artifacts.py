@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import compile as nnxc
-from compile.runtime import _artifact
+from compile.runtime import _artifact, open_device
 from compile.runtime._file_names import FORMAT_VERSION
 from nnx_models import ZOO
 from tests.conftest import assert_trees_allclose, require_device
@@ -84,6 +84,12 @@ def test_saved_artifact_reloads_with_its_trained_state(saved):
   reloaded.update(model)
   model.eval()
   np.testing.assert_allclose(model(x), program.eval(x), rtol=2e-5, atol=2e-5)
+
+
+def test_programs_on_one_driver_share_its_device():
+  """Every load on a driver reuses the process's device (compile/runtime/_device.py), until it is lost."""
+  assert open_device("local-sync") is open_device("local-sync")
+  assert open_device("local-sync") is not open_device("local-task")
 
 
 @pytest.mark.parametrize("driver", ["local-sync", "local-task"])

@@ -6,6 +6,8 @@ length) before its memory is read, so a wrong manifest cannot read past a buffer
 
 import math
 import re
+import threading
+import warnings
 
 import numpy as np
 from iree import runtime as rt
@@ -39,8 +41,13 @@ def lavapipe_lanes(driver: str) -> int | None:
   return None
 
 
+# One device per driver and process, shared by every program (as IREE's own cache would), until it is lost.
+_DEVICES: dict[str, rt.HalDevice] = {}
+_DEVICES_LOCK = threading.Lock()
+
+
 def open_device(driver: str, *, subgroup_size: int | None = None) -> rt.HalDevice:
-  """The first device of ``driver``.
+  """The first device of ``driver`` (the same one on every call, until it is lost: see ``load_module``).
 
   Args:
     driver: an IREE runtime driver (``local-sync``, ``vulkan``, ``metal``, ...).
@@ -61,10 +68,14 @@ def open_device(driver: str, *, subgroup_size: int | None = None) -> rt.HalDevic
     # Before the pool's threads exist: a cpu kernel may take CPU_KERNEL_STACK of stack,
     # more than IREE's default worker stack leaves beside the task system's own frames.
     rt.flags.parse_flags(f"--task_worker_stack_size={TASK_WORKER_STACK}")
-  try:
-    device = rt.get_device(driver, cache=True)
-  except (RuntimeError, ValueError) as e:
-    raise DeviceUnavailableError(f"The IREE runtime driver {driver!r} is installed but found no device: {e}") from e
+  with _DEVICES_LOCK:
+    device = _DEVICES.get(driver)
+    if device is None:
+      try:
+        device = _DEVICES[driver] = rt.get_device(driver, cache=False)
+      except (RuntimeError, ValueError) as e:
+        message = f"The IREE runtime driver {driver!r} is installed but found no device: {e}"
+        raise DeviceUnavailableError(message) from e
   lanes = lavapipe_lanes(driver) if subgroup_size else None
   if lanes is not None and lanes != subgroup_size:
     raise DeviceUnavailableError(
@@ -73,6 +84,35 @@ def open_device(driver: str, *, subgroup_size: int | None = None) -> rt.HalDevic
       "(lavapipe reads them when it loads)."
     )
   return device
+
+
+def _device_lost(error: Exception) -> bool:
+  # IREE reports a lost device as DATA_LOSS (Vulkan: VK_ERROR_DEVICE_LOST). A module that reached the
+  # device was verified first (the artifact's hashes, compile/runtime/_module_check.py), so here it is the device's.
+  return isinstance(error, ArtifactError) and ("DATA_LOSS" in str(error) or "DEVICE_LOST" in str(error))
+
+
+def load_module(
+  vmfb: bytes, driver: str, *, subgroup_size: int | None, parameters: dict[str, rt.ParameterIndex]
+) -> "DeviceModule":
+  """``vmfb`` loaded on ``driver``'s device, on a new device if that one is lost while it loads.
+
+  A lost device (a GPU reset; Mesa's lavapipe now and then under load, at a parameter upload) stays
+  lost: every later load and call on it fails. Loading starts from the artifact's bytes, so it can
+  start over on a new device; the programs already on the lost one cannot (their state was there),
+  and their calls fail with ExecutionError. Only a load is retried, once, with a warning.
+  """
+  device = open_device(driver, subgroup_size=subgroup_size)
+  try:
+    return DeviceModule(vmfb, device, parameters=parameters)
+  except ArtifactError as e:
+    if not _device_lost(e):
+      raise
+    warnings.warn(f"The {driver} device was lost while loading a module ({e}); loading it anew.", stacklevel=3)
+    with _DEVICES_LOCK:
+      if _DEVICES.get(driver) is device:  # another thread may have replaced it already
+        del _DEVICES[driver]
+    return DeviceModule(vmfb, open_device(driver, subgroup_size=subgroup_size), parameters=parameters)
 
 
 class DeviceModule:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _buckets, _dims, _dtypes, _inputs, _variables
-from ._device import DeviceModule, open_device
+from ._device import DeviceModule, load_module
 from ._errors import SignatureError, StateMismatchError, UnknownTargetError
 from ._interface import GET_STATE, PARAMETER_SCOPE, SET_STATE, path_name
 from ._params import params_index
@@ -146,9 +146,11 @@ class Program:
       )
     self.artifact, self.driver = artifact, driver
     self._lock = threading.RLock()
-    device_handle = open_device(driver, subgroup_size=target.subgroup_size)
-    self._module = DeviceModule(
-      artifact.vmfb, device_handle, parameters={PARAMETER_SCOPE: params_index(artifact.params)}
+    self._module = load_module(
+      artifact.vmfb,
+      driver,
+      subgroup_size=target.subgroup_size,
+      parameters={PARAMETER_SCOPE: params_index(artifact.params)},
     )
     self.functions = {name: ProgramFunction(self, spec) for name, spec in artifact.functions.items()}
     self._groups = _buckets.groups(self.functions)  # functions exported with buckets=, by name
