@@ -1,8 +1,9 @@
 """IREE's runtime, the C library and the test programs of tests/c/, built once per cache entry.
 
 ``nox -s tests`` runs this module before pytest, so that the build (minutes of both cores, the
-first time) does not run beside the tests: the fresh-clone runs in which lavapipe lost its device
-built the runtime beside the Vulkan tests (suspected, not proven, to be the cause).
+first time) does not slow the tests it would run beside. (It was also suspected of making lavapipe
+lose its device; it is not: the 8-lane Vulkan tests alone lost it too, see ``load_module`` in
+compile/runtime/_device.py.)
 The tests' ``c_build`` fixture calls :func:`build_test_programs` too; a second call finds the build done.
 """
 
