@@ -106,7 +106,7 @@ def _culprit(diagnostics: str, sites: Mapping[str, tuple[OpSite, ...]]) -> str:
   return f"{error}\n  at {where}\n" if where else f"{error}\n"
 
 
-def threading_flags() -> list[str]:
+def _threading_flags() -> list[str]:
   """``--mlir-disable-threading`` where ``$NNX_METAL_COMPILE_SERIAL`` is ``1``.
 
   iree-compile spreads a module over every core. Where several compiles already run at
@@ -123,7 +123,7 @@ def threading_flags() -> list[str]:
 
 def _run(text: str, flags: list[str], target: Target, sites: Mapping[str, tuple[OpSite, ...]]) -> bytes:
   try:
-    return ireec.compile_str(text, input_type="stablehlo", extra_args=[*flags, *threading_flags()])
+    return ireec.compile_str(text, input_type="stablehlo", extra_args=[*flags, *_threading_flags()])
   except ireec.CompilerToolError as e:
     diagnostics = str(e)
     raise CompileError(target.name, flags, diagnostics, culprit=_culprit(diagnostics, sites)) from None
@@ -251,7 +251,7 @@ def _failing_kernels(
   """
   try:
     sources = f"--iree-hal-dump-executable-sources-to={dump / 'sources'}"
-    ireec.compile_str(flow, extra_args=[*flags, sources, *threading_flags()])
+    ireec.compile_str(flow, extra_args=[*flags, sources, *_threading_flags()])
   except ireec.CompilerToolError as e:
     named = re.findall(rf"sources/{re.escape(module_name)}_([\w$.]+?)\.mlir:\d+:\d+: error", str(e))
     origins = _origins(flow)

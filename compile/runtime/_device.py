@@ -86,10 +86,10 @@ def open_device(driver: str, *, subgroup_size: int | None = None) -> rt.HalDevic
   return device
 
 
-def _device_lost(error: Exception) -> bool:
+def _device_lost(error: ArtifactError) -> bool:
   # IREE reports a lost device as DATA_LOSS (Vulkan: VK_ERROR_DEVICE_LOST). A module that reached the
   # device was verified first (the artifact's hashes, compile/runtime/_module_check.py), so here it is the device's.
-  return isinstance(error, ArtifactError) and ("DATA_LOSS" in str(error) or "DEVICE_LOST" in str(error))
+  return "DATA_LOSS" in str(error) or "DEVICE_LOST" in str(error)
 
 
 def load_module(
